@@ -1,0 +1,106 @@
+"""``ghn-init``: predict weights for timm architectures from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+logger = logging.getLogger("ghn_init")
+
+
+def _kwarg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE parsed as JSON where possible (``drop_rate=0.1``, ``act_layer=gelu``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--kwarg expects KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .export import save_predicted
+    from .hub import load
+
+    ghn = load(args.ghn)
+    out = save_predicted(args.model, args.out, ghn, num_classes=args.num_classes, img_size=args.img_size,
+                         model_kwargs=dict(args.kwarg), overwrite=args.overwrite)
+    print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
+
+
+def _graph(args: argparse.Namespace) -> None:
+    from .export import create_meta_model
+    from .graph import build_graph
+
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise ValueError(f"{out}: only .json graphs are written so far")
+    model, _ = create_meta_model(args.model, num_classes=args.num_classes, img_size=args.img_size)
+    size = (3, args.img_size, args.img_size) if args.img_size else None
+    graph = build_graph(model, size, name=args.model)
+    out.write_text(json.dumps(graph.to_dict(), indent=1) + "\n")
+    print(f"wrote {out}: {graph.num_nodes} nodes, {len(graph.edges)} edges, ops {graph.summary()}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from train_ghn.evaluate import main as evaluate
+
+    argv = [*args.models, "--calibrate-bn", str(args.calibrate_bn)]
+    argv += ["--ghn", args.ghn] if args.ghn else []
+    argv += ["--full"] if args.full else []
+    argv += ["--out", args.out] if args.out else []
+    evaluate(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ghn-init", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    predict = sub.add_parser("predict", help="predict weights for a timm model into a timm-loadable folder")
+    predict.add_argument("model", help="timm architecture name, e.g. resnet18")
+    predict.add_argument("--num-classes", type=int, help="classifier outputs (default: the GHN's, 10 for CIFAR-10)")
+    predict.add_argument("--img-size", type=int, help="input size; passed to models that take img_size")
+    predict.add_argument("--kwarg", type=_kwarg, action="append", default=[], metavar="KEY=VALUE",
+                         help="extra timm.create_model kwarg (repeatable; VALUE parsed as JSON where possible)")
+    predict.add_argument("--ghn", help="GHN: a local folder or Hub repo id (default: the embedded GHN)")
+    predict.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    predict.set_defaults(run=_predict)
+
+    graph = sub.add_parser("graph", help="write the architecture graph of a timm model")
+    graph.add_argument("model")
+    graph.add_argument("--num-classes", type=int, default=10)
+    graph.add_argument("--img-size", type=int)
+    graph.add_argument("--out", required=True, help="FILE.json")
+    graph.set_defaults(run=_graph)
+
+    evaluate = sub.add_parser("eval", help="CIFAR-10 accuracy of predicted weights")
+    evaluate.add_argument("models", nargs="+", help="timm names or local-dir:DIR folders")
+    evaluate.add_argument("--ghn")
+    evaluate.add_argument("--calibrate-bn", type=int, default=500)
+    evaluate.add_argument("--full", action="store_true", help="all 10,000 test images")
+    evaluate.add_argument("--out", help="JSON results")
+    evaluate.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+        print(f"ghn-init {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Predicted weights as a folder that plain timm loads: ``timm.create_model("local-dir:DIR", pretrained=True)``.
+
+The folder holds ``config.json`` in timm's layout (architecture, num_classes, model_args and a
+pretrained_cfg with the normalization the GHN was trained with, plus a ``ghn_init`` block naming
+the GHN by content hash), ``model.safetensors`` and a ``README.md`` model card. Nothing from
+timm's registry that would be false for predicted weights (tag, license, paper) is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+from torch import nn
+
+from .cards import predicted_card
+from .ghn import GHN
+from .hub import DEFAULT_NAME, content_hash, staged_folder
+
+__all__ = ["create_meta_model", "save_predicted"]
+
+#: Structural facts of the registry cfg that stay true for predicted weights.
+_STRUCTURAL_CFG_KEYS = ("first_conv", "classifier", "fixed_input_size")
+
+
+def _accepts_img_size(name: str) -> bool:
+    import timm
+
+    try:
+        timm.create_model(name, img_size=32, num_classes=1, device="meta")
+    except TypeError as err:
+        if "img_size" in str(err):
+            return False
+        raise
+    except Exception:  # noqa: BLE001 - a model that takes img_size may still reject 32; that is not our question
+        return True
+    return True
+
+
+def create_meta_model(name: str, num_classes: int | None = None, img_size: int | None = None,
+                      **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """``timm.create_model`` on the meta device; returns the model and the kwargs that rebuild it.
+
+    ``img_size`` is passed to models that take it; for the others it only sets the input size.
+    """
+    import timm
+
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name}*")[:8]
+        raise ValueError(f"unknown timm architecture {name!r}" + (f"; did you mean one of {close}?" if close else
+                         "; see timm.list_models()"))
+    model_args = dict(kwargs)
+    if num_classes is not None:
+        model_args["num_classes"] = num_classes
+    if img_size is not None and "img_size" not in model_args and _accepts_img_size(name):
+        model_args["img_size"] = img_size
+    try:
+        model = timm.create_model(name, device="meta", **model_args)
+    except Exception as err:
+        raise ValueError(f"timm.create_model({name!r}, **{model_args}) failed: {type(err).__name__}: {err}") from err
+    needs_values = {n for n, _ in model.named_buffers()} - {
+        f"{prefix}.{b}" if prefix else b
+        for prefix, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+        for b in ("running_mean", "running_var", "num_batches_tracked")
+    }
+    if needs_values:  # constant buffers (index tables, masks) need a real build to have values
+        model = timm.create_model(name, **model_args)
+    return model, model_args
+
+
+def _input_size(model: nn.Module, ghn: GHN, img_size: int | None) -> tuple[int, int, int]:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    channels = int(getattr(model, "in_chans", None) or cfg.get("input_size", (3,))[0])
+    if img_size is not None:
+        return channels, img_size, img_size
+    built_for = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if cfg.get("fixed_input_size") and built_for:
+        return channels, *built_for
+    trained = ghn.data_config.get("input_size", cfg.get("input_size", (3, 224, 224)))
+    return channels, trained[1], trained[2]
+
+
+def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: int | None = None,
+                   img_size: int | None = None, model_kwargs: dict[str, Any] | None = None,
+                   overwrite: bool = False) -> Path:
+    """Predict weights for timm's ``name`` and write a timm-loadable folder at ``out``.
+
+    All files are written to a temporary folder first: a failure leaves nothing behind.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass overwrite=True")
+    model, model_args = create_meta_model(name, num_classes=num_classes, img_size=img_size, **(model_kwargs or {}))
+    input_size = _input_size(model, ghn, img_size)
+    state = ghn.predict(model, input_size)
+    data = ghn.data_config
+    ghn_name = ghn.meta.get("name", DEFAULT_NAME)
+    ghn_hash = content_hash(ghn)
+    registry_cfg = getattr(model, "pretrained_cfg", {}) or {}
+    n_classes = int(getattr(model, "num_classes", num_classes or 0))
+    config = {
+        "architecture": name,
+        "num_classes": n_classes,
+        "num_features": int(getattr(model, "num_features", 0)) or None,
+        "model_args": {k: v for k, v in model_args.items() if k != "num_classes"},
+        "pretrained_cfg": {
+            **{k: registry_cfg[k] for k in _STRUCTURAL_CFG_KEYS if registry_cfg.get(k) is not None},
+            "input_size": list(input_size),
+            "interpolation": data.get("interpolation", "bilinear"),
+            "crop_pct": data.get("crop_pct", 1.0),
+            "crop_mode": "center",
+            "mean": list(data.get("mean", registry_cfg.get("mean", (0.485, 0.456, 0.406)))),
+            "std": list(data.get("std", registry_cfg.get("std", (0.229, 0.224, 0.225)))),
+            "num_classes": n_classes,
+        },
+        "ghn_init": {"ghn": ghn_name, "sha256": ghn_hash, "note": "weights predicted by a GHN, not trained"},
+    }
+    with staged_folder(out) as staging:
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, staging / "model.safetensors",
+                                    metadata={"format": "pt", "ghn_sha256": ghn_hash})
+        (staging / "README.md").write_text(predicted_card(name, config["model_args"], ghn_name, ghn_hash,
+                                                          n_classes, {**data, "input_size": list(input_size)}))
+    return out

@@ -1,0 +1,1 @@
+"""train_ghn: meta-training of graph hypernetworks (samplers, data, training loop, evaluation)."""

@@ -176,8 +176,8 @@ class GHN(nn.Module):
         self.dense_block = nn.Linear(cfg.latent, cfg.block_1x1 * cfg.block_1x1)
         self.vector_head = _mlp(h, 2 * h, cfg.vector)
         for block in (self.kernel_block, self.dense_block):
-            # latents start with std ~0.25: start raw blocks near unit std, so weights start at 1/sqrt(fan_in)
-            nn.init.normal_(block.weight, std=4.0 / math.sqrt(cfg.latent))
+            # latents start with std ~0.25: raw blocks start near std 0.5, weights near 0.5/sqrt(fan_in)
+            nn.init.normal_(block.weight, std=2.0 / math.sqrt(cfg.latent))
             nn.init.zeros_(block.bias)
 
     # ------------------------------------------------------------------ differentiable core

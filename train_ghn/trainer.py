@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ghn_init.cards import ghn_card
 from ghn_init.ghn import GHN, GHNConfig
 from ghn_init.graph import ArchGraph, build_graph
+from ghn_init.hub import load_folder
 
 from .data import CIFAR10_MEAN, CIFAR10_STD, ImageBatches, load_cifar10, normalize
 from .samplers import ArchitectureSampler, build_architecture
@@ -66,6 +67,7 @@ class TrainConfig:
     eval_images: int = 1000
     time_limit_min: float | None = None
     prebuild_workers: int = 0     # >0: build the whole architecture pool up front in this many processes
+    init_from: str | None = None  # start from this GHN folder's weights (ignored when resuming)
     deterministic: bool = False   # torch.use_deterministic_algorithms: bit-exact reruns, slower on GPU
 
     @classmethod
@@ -277,6 +279,9 @@ class Trainer:
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
         if self.load_checkpoint():
             logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
+        elif cfg.init_from:
+            self.ghn.load_state_dict(load_folder(cfg.init_from).state_dict())
+            logger.info("initialized the GHN from %s", cfg.init_from)
         if cfg.prebuild_workers > 0:
             self.prebuild(cfg.prebuild_workers)
         deadline = time.monotonic() + 60 * cfg.time_limit_min if cfg.time_limit_min else math.inf

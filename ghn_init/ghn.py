@@ -292,7 +292,8 @@ class GHN(nn.Module):
         """
         return self._predict(model, input_size)[0]
 
-    def _predict(self, model: nn.Module, input_size: Sequence[int] | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def _predict(self, model: nn.Module,
+                 input_size: Sequence[int] | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         was_training = self.training
         self.eval()
         try:

@@ -83,6 +83,7 @@ _PASS_THROUGH: frozenset[str] = frozenset({
     "Add1", "Sub1", "Mul1", "Div1", "Neg", "Contiguous", "Roll", "PixelShuffle", "PixelUnshuffle",
 })
 
+_SCALAR_CANDIDATES = frozenset({"Add0", "Sub0", "Mul0", "Div0"})
 _NORM_OPS = frozenset({"batch_norm", "layer_norm", "group_norm"})
 _PARAM_OP_OF_CONSUMER = {"sum": "pos_embed", "concat": "token", "mul": "scale"}
 _BACKWARD_SUFFIX = re.compile(r"Backward(\d*)$")
@@ -191,6 +192,11 @@ def _autograd_key(fn: Any) -> str:
     return base
 
 
+def _is_scalar_arithmetic(key: str, fn: Any) -> bool:
+    """``x * 0.5`` recorded as a tensor op with one differentiable input: a rescale, not a node."""
+    return key in _SCALAR_CANDIDATES and sum(nxt is not None for nxt, _ in fn.next_functions) == 1
+
+
 def _role(op: str, arg_index: int, ndim: int) -> str:
     if op in _NORM_OPS:
         return "norm_weight" if arg_index == 1 else "norm_bias"
@@ -224,7 +230,9 @@ def _output_tensors(out: Any) -> Iterable[torch.Tensor]:
             yield from _output_tensors(value)
 
 
-def _trace(model: nn.Module, input_size: Sequence[int]) -> tuple[list[torch.Tensor], dict[int, str], dict[str, str], torch.Tensor]:
+def _trace(
+    model: nn.Module, input_size: Sequence[int]
+) -> tuple[list[torch.Tensor], dict[int, str], dict[str, str], torch.Tensor]:
     """Run the forward pass on meta twins of all tensors; the model itself is left untouched."""
     names: dict[int, str] = {}
     aliases: dict[str, str] = {}
@@ -259,7 +267,8 @@ def build_graph(model: nn.Module, input_size: Sequence[int] | None = None, *, na
     ``input_size`` defaults to the model's ``pretrained_cfg['input_size']`` (timm), else 3x224x224.
     """
     input_size = tuple(input_size) if input_size is not None else _default_input_size(model)
-    label = name or type(model).__name__
+    cfg = getattr(model, "pretrained_cfg", None)
+    label = name or (cfg.get("architecture") if isinstance(cfg, dict) else None) or type(model).__name__
     try:
         outputs, names, aliases, x = _trace(model, input_size)
     except Exception as err:  # noqa: BLE001 - any forward failure is reported with model and size
@@ -281,7 +290,7 @@ def build_graph(model: nn.Module, input_size: Sequence[int] | None = None, *, na
         key = _autograd_key(fn)
         if key == "AccumulateGrad":
             return [], [fn]
-        if key not in _PASS_THROUGH:
+        if key not in _PASS_THROUGH and not _is_scalar_arithmetic(key, fn):
             return [fn], []
         if fn in resolved:
             return resolved[fn]

@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ __all__ = ["CONFIG_NAME", "DEFAULT_NAME", "GHNNotFoundError", "WEIGHTS_NAME", "c
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
-#: The embedded default GHN, shipped inside the wheel as the package ``ghn_init.default``.
+#: The embedded default GHN: the release folder ``hub/ghn2-cifar10``, shipped in the wheel as ``ghn_init/default``.
 DEFAULT_NAME = "ghn-init/ghn2-cifar10"
 _FORMAT_VERSION = 1
 
@@ -107,7 +106,8 @@ def load_folder(folder: str | os.PathLike) -> GHN:
             "upgrade ghn-init or use a GHN made for this version"
         )
     ghn = GHN(GHNConfig.from_dict(config["ghn"]))
-    ghn.meta = {k: v for k, v in config.items() if k not in ("format_version", "model_type", "ghn", "op_types", "roles")}
+    structural = ("format_version", "model_type", "ghn", "op_types", "roles")
+    ghn.meta = {k: v for k, v in config.items() if k not in structural}
     state = safetensors.torch.load_file(weights_path)
     missing, unexpected = ghn.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -121,7 +121,12 @@ def load_folder(folder: str | os.PathLike) -> GHN:
 
 
 def _default_folder() -> Path:
-    return Path(str(resources.files("ghn_init.default")))
+    """Inside an installed wheel: ``ghn_init/default``; in a source checkout: ``hub/<release>``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "default", here.parent / "hub" / DEFAULT_NAME.split("/")[-1]):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise GHNNotFoundError(f"the embedded default GHN is missing from {here / 'default'}; reinstall ghn-init")
 
 
 def load(ref: str | os.PathLike | None = None, revision: str | None = None) -> GHN:

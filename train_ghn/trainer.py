@@ -311,7 +311,8 @@ class Trainer:
 
     def save_final(self) -> Path:
         cfg = self.config
-        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
+        on_gpu = self.device.type == "cuda"
+        device_name = torch.cuda.get_device_name(self.device) if on_gpu else platform.processor() or "cpu"
         self.ghn.meta = {
             "name": cfg.name,
             "data": {"dataset": "cifar10", "input_size": list(_INPUT_SIZE), "mean": list(CIFAR10_MEAN),

@@ -20,7 +20,6 @@ def ghn_card(ghn: Any, evaluation_markdown: str | None = None) -> str:
     meta = ghn.meta
     training = meta.get("training", {})
     data = meta.get("data", {})
-    config = training.get("config", {})
     header = _front_matter({
         "library_name": "ghn-init",
         "license": "apache-2.0",
@@ -46,16 +45,23 @@ def ghn_card(ghn: Any, evaluation_markdown: str | None = None) -> str:
         "",
         f"- Data: {data.get('dataset', '?')} at {'x'.join(map(str, data.get('input_size', [])[1:]))} pixels, "
         f"normalized with mean {data.get('mean')} and std {data.get('std')}.",
-        f"- Architectures: sampler mix {json.dumps(config.get('mix', {}))}, pool of {config.get('pool_size')} "
-        f"per family, meta-batch {config.get('meta_batch')}, image batch {config.get('batch_size')}.",
-        f"- Steps: {training.get('steps')} ({training.get('skipped_steps', 0)} skipped as non-finite), "
-        f"wall time {training.get('wall_time_s')} s on {training.get('device')}, torch {training.get('torch')}.",
+        f"- Total: {training.get('steps')} meta-training steps "
+        f"({training.get('skipped_steps', 0)} skipped as non-finite), {training.get('wall_time_s')} s of compute.",
+        *[_stage_line(i, stage) for i, stage in enumerate(training.get("stages", [training]), 1)],
         f"- GHN hyper-parameters: `{json.dumps(dataclasses.asdict(ghn.config))}`.",
         "",
     ]
     if evaluation_markdown:
         lines += ["## Evaluation", "", evaluation_markdown.strip(), ""]
     return "\n".join(lines)
+
+
+def _stage_line(index: int, stage: dict[str, Any]) -> str:
+    config = stage.get("config", {})
+    return (f"- Stage {index}: {stage.get('steps')} steps on {stage.get('device')} in {stage.get('wall_time_s')} s "
+            f"(torch {stage.get('torch')}); architectures {json.dumps(config.get('mix', {}))}, pool of "
+            f"{config.get('pool_size')} per family, meta-batch {config.get('meta_batch')}, image batch "
+            f"{config.get('batch_size')}, AdamW lr {config.get('lr')} with warmup and cosine decay.")
 
 
 def predicted_card(architecture: str, model_args: dict[str, Any], ghn_name: str, ghn_hash: str,

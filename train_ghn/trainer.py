@@ -111,6 +111,27 @@ def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
     return model.train()
 
 
+def training_stages(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training stages recorded in a GHN's metadata (a GHN may be trained in several runs)."""
+    training = meta.get("training")
+    if not training:
+        return []
+    return training.get("stages") or [training]
+
+
+def summarize_stages(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over all stages, plus the stages themselves (what a model card reports)."""
+    return {"steps": sum(s["steps"] for s in stages), "skipped_steps": sum(s.get("skipped_steps", 0) for s in stages),
+            "wall_time_s": round(sum(s["wall_time_s"] for s in stages), 1), "stages": stages}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past the checkpoint a run resumes from, so each step is logged once."""
+    if path.is_file():
+        lines = path.read_text().splitlines()
+        path.write_text("".join(f"{line}\n" for line in lines if json.loads(line).get("step", 0) <= step))
+
+
 class Trainer:
     """One meta-training run writing checkpoints, a JSONL log and the final GHN to ``out``."""
 
@@ -126,6 +147,7 @@ class Trainer:
         images, labels = load_cifar10("train", indices=indices, download=True)
         self.batches = ImageBatches(images.to(self.device), labels.to(self.device), cfg.batch_size, seed=cfg.seed)
         self.step = 0
+        self.earlier_stages: list[dict[str, Any]] = []  # training of the GHN this run started from
         self.skipped_steps = 0
         self.wall_time = 0.0
         self._pool: dict[tuple[str, str, int], tuple[nn.Module, ArchGraph]] = {}
@@ -233,6 +255,7 @@ class Trainer:
                 tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         state = {
             "step": self.step, "skipped_steps": self.skipped_steps, "wall_time": self.wall_time,
+            "earlier_stages": self.earlier_stages,
             "param_groups": optim["param_groups"], "sampler": self.sampler.state_dict(),
             "batches": self.batches.state_dict(), "torch_rng": torch.get_rng_state().tolist(),
             "config": dataclasses.asdict(self.config),
@@ -268,6 +291,8 @@ class Trainer:
         self.batches.load_state_dict(state["batches"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self.step, self.skipped_steps, self.wall_time = state["step"], state["skipped_steps"], state["wall_time"]
+        self.earlier_stages = state.get("earlier_stages", [])
+        _truncate_log(self.out / "log.jsonl", self.step)
         return True
 
     # ----------------------------------------------------------------- the run
@@ -280,7 +305,9 @@ class Trainer:
         if self.load_checkpoint():
             logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
         elif cfg.init_from:
-            self.ghn.load_state_dict(load_folder(cfg.init_from).state_dict())
+            earlier = load_folder(cfg.init_from)
+            self.ghn.load_state_dict(earlier.state_dict())
+            self.earlier_stages = training_stages(earlier.meta)
             logger.info("initialized the GHN from %s", cfg.init_from)
         if cfg.prebuild_workers > 0:
             self.prebuild(cfg.prebuild_workers)
@@ -312,13 +339,15 @@ class Trainer:
     def save_final(self) -> Path:
         cfg = self.config
         on_gpu = self.device.type == "cuda"
-        device_name = torch.cuda.get_device_name(self.device) if on_gpu else platform.processor() or "cpu"
+        device_name = (torch.cuda.get_device_name(self.device) if on_gpu
+                       else f"{platform.machine()}, {torch.get_num_threads()} threads")
         self.ghn.meta = {
             "name": cfg.name,
             "data": {"dataset": "cifar10", "input_size": list(_INPUT_SIZE), "mean": list(CIFAR10_MEAN),
                      "std": list(CIFAR10_STD), "num_classes": 10, "interpolation": "bilinear", "crop_pct": 1.0},
-            "training": {"steps": self.step, "skipped_steps": self.skipped_steps,
-                         "wall_time_s": round(self.wall_time, 1), "device": f"{self.device.type}: {device_name}",
-                         "torch": torch.__version__, "config": dataclasses.asdict(cfg)},
         }
+        stage = {"steps": self.step, "skipped_steps": self.skipped_steps, "wall_time_s": round(self.wall_time, 1),
+                 "device": f"{self.device.type}: {device_name}", "torch": torch.__version__,
+                 "config": dataclasses.asdict(cfg)}
+        self.ghn.meta["training"] = summarize_stages([*self.earlier_stages, stage])
         return self.ghn.save_pretrained(self.out / "final", model_card=ghn_card(self.ghn))

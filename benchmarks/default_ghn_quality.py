@@ -16,12 +16,11 @@ from pathlib import Path
 
 import timm
 import torch
+from _report import HERE, machine, update_results
 
 import ghn_init
 from ghn_init.export import save_predicted
 from train_ghn.evaluate import OOD_ARCHITECTURES, evaluate_model, load_eval_data
-
-from _report import HERE, machine, update_results
 
 
 def main() -> None:

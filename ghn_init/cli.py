@@ -59,6 +59,27 @@ def _eval(args: argparse.Namespace) -> None:
     evaluate(argv)
 
 
+def _coverage(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from .coverage import run_coverage, select_models
+
+    names = select_models(args.pattern, args.limit)
+    if not names:
+        raise ValueError(f"no timm architecture matches {args.pattern!r}")
+    with tqdm(total=len(names), desc="coverage", dynamic_ncols=True) as bar:
+        def progress(row: dict[str, Any]) -> None:
+            bar.update(1)
+            if not row["ok"]:
+                bar.write(f"{row['name']}: {row['error']}")
+
+        rows = run_coverage(names, ghn_ref=args.ghn, workers=args.workers, timeout_s=args.timeout, progress=progress)
+    ok = sum(r["ok"] and not r["skipped"] for r in rows)
+    summary = {"architectures": len(rows), "fully_predicted": ok, "failed": [r["name"] for r in rows if not r["ok"]]}
+    Path(args.out).write_text(json.dumps({"summary": summary, "architectures": rows}, indent=1) + "\n")
+    print(f"{ok}/{len(rows)} architectures built and fully predicted; details in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ghn-init", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--img-size", type=int)
     graph.add_argument("--out", required=True, help="FILE.json")
     graph.set_defaults(run=_graph)
+
+    coverage = sub.add_parser("coverage", help="check graph building and prediction over timm architectures")
+    coverage.add_argument("--pattern", help="glob over timm.list_models(), e.g. 'resnet*'")
+    coverage.add_argument("--limit", type=int, help="only the first N matching architectures")
+    coverage.add_argument("--ghn", help="GHN reference (default: the embedded GHN)")
+    coverage.add_argument("--workers", type=int, default=2, help="worker processes")
+    coverage.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per architecture")
+    coverage.add_argument("--out", default="coverage.json", help="JSON report")
+    coverage.set_defaults(run=_coverage)
 
     evaluate = sub.add_parser("eval", help="CIFAR-10 accuracy of predicted weights")
     evaluate.add_argument("models", nargs="+", help="timm names or local-dir:DIR folders")

@@ -1,0 +1,77 @@
+"""Publish a trained GHN as a release folder ``hub/<name>/`` and, optionally, to the Hugging Face Hub.
+
+    python hub/release.py runs/stage3/final --name ghn2-cifar10 \
+        --earlier runs/stage1/final runs/stage2/final \
+        --evaluation benchmarks/results/default_ghn_quality.json benchmarks/results/default_ghn_quality_full.json \
+        [--push-to-hub ORG/REPO]
+
+The folder gets the GHN's config.json and model.safetensors and a model card stating its data,
+its training stages and compute, and the accuracies in the given evaluation JSON files (written by
+``benchmarks/default_ghn_quality.py``). ``hub/ghn2-cifar10`` is the embedded default GHN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ghn_init.cards import ghn_card
+from ghn_init.hub import load_folder
+from train_ghn.trainer import summarize_stages, training_stages
+
+HUB = Path(__file__).resolve().parent
+
+
+def evaluation_markdown(paths: list[Path]) -> str:
+    """Tables of the quality benchmark's JSON files, with the command that reproduces them."""
+    parts = []
+    for path in paths:
+        result = json.loads(path.read_text())
+        setup = result["setup"]
+        lines = [f"CIFAR-10, {setup['split']}, BatchNorm recalibrated on {setup['calibrate_bn_images']} unlabeled "
+                 "train images (eval mode) and batch statistics; weights predicted for architectures the GHN "
+                 "never saw, saved by `ghn-init predict` and loaded by plain timm.", "",
+                 "| architecture | timm kwargs | predicted, BN recalibrated | predicted, batch stats "
+                 "| timm default init |",
+                 "|---|---|---|---|---|"]
+        for name, row in result["architectures"].items():
+            lines.append(f"| {name} | `{json.dumps(row['kwargs'])}` | {row['ghn']['acc_bn_calibrated']:.1%} | "
+                         f"{row['ghn']['acc_batch_stats']:.1%} | {row['default_init']['acc_bn_calibrated']:.1%} |")
+        lines.append(f"| **mean** | | **{result['mean_ghn_acc_bn_calibrated']:.1%}** | | |")
+        full = " --full" if "10,000" in setup["split"] else ""
+        lines += ["", f"Reproduce: `python benchmarks/default_ghn_quality.py{full}` "
+                  f"({setup['machine']['processor']}, torch {setup['machine']['torch']}).", ""]
+        parts.append("\n".join(lines))
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ghn", type=Path, help="folder of the trained GHN (a run's final/)")
+    parser.add_argument("--name", required=True, help="release name: the folder hub/<name>/")
+    parser.add_argument("--earlier", type=Path, nargs="*", default=[],
+                        help="GHN folders of earlier training stages whose runs this one continued, oldest first")
+    parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="benchmark JSON files")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the release folder to this Hub repo")
+    args = parser.parse_args()
+
+    ghn = load_folder(args.ghn)
+    stages = [stage for folder in args.earlier for stage in training_stages(load_folder(folder).meta)]
+    ghn.meta["training"] = summarize_stages(stages + training_stages(ghn.meta))
+    ghn.meta["name"] = args.name
+    card = ghn_card(ghn, evaluation_markdown(args.evaluation) if args.evaluation else None)
+    folder = ghn.save_pretrained(HUB / args.name, model_card=card)
+    print(f"wrote {folder}")
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.push_to_hub, exist_ok=True)
+        commit = api.upload_folder(repo_id=args.push_to_hub, folder_path=folder,
+                                   commit_message=f"Release {args.name}")
+        print(f"pushed to {commit.commit_url}")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,8 +28,9 @@ def check_architecture(name: str, ghn: Any, num_classes: int = 10) -> dict[str, 
     from .export import create_meta_model
     from .graph import build_graph
 
-    row: dict[str, Any] = {"name": name, "family": family_of(name)}
+    row: dict[str, Any] = {"name": name, "family": None}
     try:
+        row["family"] = family_of(name)
         started = time.perf_counter()
         model, _ = create_meta_model(name, num_classes=num_classes)
         row["create_s"] = round(time.perf_counter() - started, 4)

@@ -72,4 +72,5 @@ def test_stop_and_resume_is_bit_identical(tmp_path):
     log = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))
     ghn = ghn_init.load(str(straight / "final"))
-    assert ghn.meta["training"]["steps"] == 8 and "Total: 8 meta-training steps" in (straight / "final" / "README.md").read_text()
+    assert ghn.meta["training"]["steps"] == 8
+    assert "Total: 8 meta-training steps" in (straight / "final" / "README.md").read_text()

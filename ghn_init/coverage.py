@@ -30,9 +30,9 @@ def check_architecture(name: str, ghn: Any, num_classes: int = 10) -> dict[str, 
 
     row: dict[str, Any] = {"name": name, "family": None}
     try:
-        row["family"] = family_of(name)
         started = time.perf_counter()
         model, _ = create_meta_model(name, num_classes=num_classes)
+        row["family"] = family_of(name)
         row["create_s"] = round(time.perf_counter() - started, 4)
         started = time.perf_counter()
         graph = build_graph(model, name=name)

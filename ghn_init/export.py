@@ -20,7 +20,7 @@ from .cards import predicted_card
 from .ghn import GHN
 from .hub import DEFAULT_NAME, content_hash, staged_folder
 
-__all__ = ["create_meta_model", "save_predicted"]
+__all__ = ["create_meta_model", "input_size_for", "save_predicted"]
 
 #: Structural facts of the registry cfg that stay true for predicted weights.
 _STRUCTURAL_CFG_KEYS = ("first_conv", "classifier", "fixed_input_size")
@@ -71,7 +71,9 @@ def create_meta_model(name: str, num_classes: int | None = None, img_size: int |
     return model, model_args
 
 
-def _input_size(model: nn.Module, ghn: GHN, img_size: int | None) -> tuple[int, int, int]:
+def input_size_for(model: nn.Module, ghn: GHN, img_size: int | None) -> tuple[int, int, int]:
+    """(C, H, W) to trace ``model`` at: ``img_size`` if given, the size a fixed-size model was built for,
+    else the size the GHN was trained at."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     channels = int(getattr(model, "in_chans", None) or cfg.get("input_size", (3,))[0])
     if img_size is not None:
@@ -94,7 +96,7 @@ def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass overwrite=True")
     model, model_args = create_meta_model(name, num_classes=num_classes, img_size=img_size, **(model_kwargs or {}))
-    input_size = _input_size(model, ghn, img_size)
+    input_size = input_size_for(model, ghn, img_size)
     state = ghn.predict(model, input_size)
     data = ghn.data_config
     ghn_name = ghn.meta.get("name", DEFAULT_NAME)

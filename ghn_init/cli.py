@@ -40,12 +40,17 @@ def _graph(args: argparse.Namespace) -> None:
     from .graph import build_graph
 
     out = Path(args.out)
-    if out.suffix != ".json":
-        raise ValueError(f"{out}: only .json graphs are written so far")
+    if out.suffix not in (".json", ".png", ".svg"):
+        raise ValueError(f"{out}: write the graph as .json, .png or .svg")
     model, _ = create_meta_model(args.model, num_classes=args.num_classes, img_size=args.img_size)
     size = (3, args.img_size, args.img_size) if args.img_size else None
     graph = build_graph(model, size, name=args.model)
-    out.write_text(json.dumps(graph.to_dict(), indent=1) + "\n")
+    if out.suffix == ".json":
+        out.write_text(json.dumps(graph.to_dict(), indent=1) + "\n")
+    else:
+        from .draw import draw_graph
+
+        draw_graph(graph, out, title=args.model)
     print(f"wrote {out}: {graph.num_nodes} nodes, {len(graph.edges)} edges, ops {graph.summary()}")
 
 
@@ -99,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("model")
     graph.add_argument("--num-classes", type=int, default=10)
     graph.add_argument("--img-size", type=int)
-    graph.add_argument("--out", required=True, help="FILE.json")
+    graph.add_argument("--out", required=True, help="FILE.json, FILE.png or FILE.svg")
     graph.set_defaults(run=_graph)
 
     coverage = sub.add_parser("coverage", help="check graph building and prediction over timm architectures")

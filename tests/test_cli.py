@@ -97,3 +97,12 @@ def test_graph_command_writes_json(tmp_path):
     assert main(["graph", "resnet18", "--out", str(out)]) == 0
     graph = json.loads(out.read_text())
     assert graph["nodes"][1]["op"] == "conv" and len(graph["edges"]) > 60
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg"])
+def test_graph_command_draws_picture(tmp_path, suffix):
+    out = tmp_path / f"g{suffix}"
+    assert main(["graph", "convnext_atto", "--out", str(out)]) == 0
+    head = out.read_bytes()[:200]
+    assert head.startswith(b"\x89PNG") if suffix == ".png" else b"<svg" in out.read_bytes()[:2000]
+    assert main(["graph", "convnext_atto", "--out", str(tmp_path / "g.txt")]) == 2

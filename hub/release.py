@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--earlier", type=Path, nargs="*", default=[],
                         help="GHN folders of earlier training stages whose runs this one continued, oldest first")
     parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="benchmark JSON files")
+    parser.add_argument("--notes", type=Path, help="markdown file appended to the card under 'Notes'")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the release folder to this Hub repo")
     args = parser.parse_args()
 
@@ -61,6 +62,8 @@ def main() -> None:
     ghn.meta["training"] = summarize_stages(stages + training_stages(ghn.meta))
     ghn.meta["name"] = args.name
     card = ghn_card(ghn, evaluation_markdown(args.evaluation) if args.evaluation else None)
+    if args.notes:
+        card += "\n## Notes\n\n" + args.notes.read_text().strip() + "\n"
     folder = ghn.save_pretrained(HUB / args.name, model_card=card)
     print(f"wrote {folder}")
     if args.push_to_hub:

@@ -61,7 +61,14 @@ def calibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
              batch_stats: bool = False) -> float:
-    """Top-1 accuracy; ``batch_stats=True`` evaluates in train mode (GHN-2's protocol)."""
+    """Top-1 accuracy; ``batch_stats=True`` evaluates in train mode (GHN-2's protocol).
+
+    With batch statistics each batch is a fixed random sample: the test split's file order is grouped
+    by class, and single-class batches would make the statistics meaningless.
+    """
+    if batch_stats:
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0)).to(labels.device)
+        images, labels = images[order], labels[order]
     model.train(batch_stats)
     hits = 0
     for xb, yb in zip(_batches(images, batch_size), _batches(labels, batch_size)):

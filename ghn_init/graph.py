@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -135,23 +134,7 @@ class ArchGraph:
         """
         key = ("virtual_edges", cutoff)
         if key not in self.cache:
-            successors: list[list[int]] = [[] for _ in self.nodes]
-            for src, dst in self.edges:
-                successors[src].append(dst)
-            found = []
-            for source in range(len(self.nodes)):
-                distance = {source: 0}
-                queue = deque([source])
-                while queue:
-                    node = queue.popleft()
-                    if distance[node] == cutoff:
-                        continue
-                    for nxt in successors[node]:
-                        if nxt not in distance:
-                            distance[nxt] = distance[node] + 1
-                            queue.append(nxt)
-                found.extend((source, dst, d) for dst, d in sorted(distance.items()) if d >= 2)
-            self.cache[key] = found
+            self.cache[key] = _shortest_paths(len(self.nodes), self.edges, cutoff)
         return self.cache[key]
 
     def signature(self) -> str:
@@ -177,6 +160,27 @@ class ArchGraph:
         for node in self.nodes:
             counts[node.op] = counts.get(node.op, 0) + 1
         return counts
+
+
+def _shortest_paths(n: int, edges: list[tuple[int, int]], cutoff: int) -> list[tuple[int, int, int]]:
+    """Breadth-first search from every node at once, one matrix step per hop (row = source)."""
+    if not edges:
+        return []
+    src, dst = torch.tensor(edges, dtype=torch.long).T
+    distance = torch.zeros(n, n, dtype=torch.int32)
+    reached = torch.eye(n, dtype=torch.bool)
+    frontier = torch.eye(n)
+    for hop in range(1, cutoff + 1):
+        step = torch.zeros(n, n).index_add_(1, dst, frontier[:, src])
+        new = (step > 0) & ~reached
+        if not new.any():
+            break
+        distance[new] = hop
+        reached |= new
+        frontier = new.float()
+    pairs = torch.nonzero(distance >= 2)
+    hops = distance[pairs[:, 0], pairs[:, 1]]
+    return list(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist(), hops.tolist()))
 
 
 def _autograd_key(fn: Any) -> str:
@@ -251,6 +255,11 @@ def _trace(
     x = torch.empty((2, *input_size), device="meta", requires_grad=True)
     modes = {m: m.training for m in model.modules()}
     model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # same op and graph as train mode, without the running-stat update that meta tensors
+            # can only run through slow Python decompositions
+            module.training = False
     try:
         with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
             out = torch.func.functional_call(model, substitutes, (x,), strict=False)

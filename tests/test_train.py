@@ -1,6 +1,7 @@
 """Meta-training: samplers, a few real steps, checkpoints and exact resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -74,3 +75,13 @@ def test_stop_and_resume_is_bit_identical(tmp_path):
     ghn = ghn_init.load(str(straight / "final"))
     assert ghn.meta["training"]["steps"] == 8
     assert "Total: 8 meta-training steps" in (straight / "final" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("path", sorted(Path("train_ghn/configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    from ghn_init import GHNConfig
+
+    config = TrainConfig.from_yaml(path)
+    GHNConfig.from_dict(config.ghn)
+    ArchitectureSampler(config.mix, config.pool_size, seed=config.seed)
+    assert config.init_from is None or config.init_from.startswith("runs/")

@@ -17,7 +17,7 @@ import safetensors.torch
 from torch import nn
 
 from .cards import predicted_card
-from .ghn import GHN
+from .ghn import GHN, norm_statistics
 from .hub import DEFAULT_NAME, content_hash, staged_folder
 
 __all__ = ["create_meta_model", "input_size_for", "save_predicted"]
@@ -61,11 +61,7 @@ def create_meta_model(name: str, num_classes: int | None = None, img_size: int |
         model = timm.create_model(name, device="meta", **model_args)
     except Exception as err:
         raise ValueError(f"timm.create_model({name!r}, **{model_args}) failed: {type(err).__name__}: {err}") from err
-    needs_values = {n for n, _ in model.named_buffers()} - {
-        f"{prefix}.{b}" if prefix else b
-        for prefix, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-        for b in ("running_mean", "running_var", "num_batches_tracked")
-    }
+    needs_values = {n for n, _ in model.named_buffers()} - set(norm_statistics(model))
     if needs_values:  # constant buffers (index tables, masks) need a real build to have values
         model = timm.create_model(name, **model_args)
     return model, model_args

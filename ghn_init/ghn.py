@@ -19,7 +19,7 @@ from torch import nn
 
 from .graph import OP_TYPES, ROLES, ArchGraph, build_graph
 
-__all__ = ["GHN", "GHNConfig", "PredictionReport"]
+__all__ = ["GHN", "GHNConfig", "PredictionReport", "norm_statistics"]
 
 _SHAPE_FEATURES = 9
 
@@ -302,7 +302,7 @@ class GHN(nn.Module):
                 params = self.forward([graph])[0]
         finally:
             self.train(was_training)
-        statistics = _norm_statistics(model)
+        statistics = norm_statistics(model)
         state: dict[str, torch.Tensor] = {}
         kept: dict[str, str] = {}
         label = type(model).__name__
@@ -333,7 +333,7 @@ class GHN(nn.Module):
         return PredictionReport(predicted=[k for k in state if k not in kept], skipped=kept)
 
 
-def _norm_statistics(model: nn.Module) -> dict[str, Any]:
+def norm_statistics(model: nn.Module) -> dict[str, Any]:
     """Buffers of norm layers, mapped to makers of their identity values (mean 0, var 1)."""
     makers: dict[str, Any] = {}
     for prefix, module in model.named_modules():

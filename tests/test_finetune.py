@@ -1,0 +1,62 @@
+"""examples/finetune.py: every rank starts from exactly ``ghn.predict``'s weights, launched or not."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
+TINY_RUN = ["resnet18", "--cpu", "--steps", "4", "--batch-size", "16", "--train-images", "128", "--test-per-class", "5"]
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("finetune_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(prefix: list[str], tmp_path: Path) -> dict:
+    report = tmp_path / "report.json"
+    env = {**os.environ, "GHN_INIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*prefix, str(SCRIPT), *TINY_RUN, "--report", str(report)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(report.read_text())
+
+
+@pytest.fixture(scope="module")
+def predicted_checksum(default_ghn) -> str:
+    model = timm.create_model("resnet18", num_classes=10, device="meta")
+    return _example().state_checksum(default_ghn.predict(model))
+
+
+@pytest.mark.data
+def test_two_gloo_ranks_start_from_the_predicted_weights(tmp_path, predicted_checksum):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]
+    result = _run(launch, tmp_path)
+    assert result["num_processes"] == 2
+    assert result["predicted_sha256"] == [predicted_checksum] * 2
+    assert result["initial_sha256"] == [predicted_checksum] * 2, "ranks must train from rank 0's weights"
+    assert result["steps"] == 4 and 0.0 <= result["accuracy"] <= 1.0 and result["test_images"] == 50
+
+
+@pytest.mark.data
+def test_plain_python_run(tmp_path, predicted_checksum):
+    result = _run([sys.executable], tmp_path)
+    assert result["num_processes"] == 1 and result["initial_sha256"] == [predicted_checksum]
+    assert result["test_images"] == 50 and len(result["loss_curve"]) == 1

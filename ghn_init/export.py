@@ -13,14 +13,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 from torch import nn
 
 from .cards import predicted_card
 from .ghn import GHN, norm_statistics
 from .hub import DEFAULT_NAME, content_hash, staged_folder
+from .streaming import write_safetensors
 
-__all__ = ["create_meta_model", "input_size_for", "save_predicted"]
+__all__ = ["create_meta_model", "input_size_for", "save_predicted", "write_predicted"]
 
 #: Structural facts of the registry cfg that stay true for predicted weights.
 _STRUCTURAL_CFG_KEYS = ("first_conv", "classifier", "fixed_input_size")
@@ -81,6 +81,13 @@ def input_size_for(model: nn.Module, ghn: GHN, img_size: int | None) -> tuple[in
     return channels, trained[1], trained[2]
 
 
+def write_predicted(ghn: GHN, model: nn.Module, input_size: tuple[int, ...], path: str | os.PathLike,
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Stream ``ghn``'s prediction for ``model`` into a safetensors file, one tensor in memory at a time."""
+    specs = {name: (ref.dtype, tuple(ref.shape)) for name, ref in model.state_dict().items()}
+    return write_safetensors(path, specs, ghn.predict_tensors(model, input_size), metadata)
+
+
 def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: int | None = None,
                    img_size: int | None = None, model_kwargs: dict[str, Any] | None = None,
                    overwrite: bool = False) -> Path:
@@ -93,7 +100,6 @@ def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: 
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass overwrite=True")
     model, model_args = create_meta_model(name, num_classes=num_classes, img_size=img_size, **(model_kwargs or {}))
     input_size = input_size_for(model, ghn, img_size)
-    state = ghn.predict(model, input_size)
     data = ghn.data_config
     ghn_name = ghn.meta.get("name", DEFAULT_NAME)
     ghn_hash = content_hash(ghn)
@@ -118,8 +124,9 @@ def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: 
     }
     with staged_folder(out) as staging:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, staging / "model.safetensors",
-                                    metadata={"format": "pt", "ghn_sha256": ghn_hash})
+        write_predicted(ghn, model, input_size, staging / "model.safetensors",
+                        metadata={"format": "pt", "ghn_sha256": ghn_hash})
         (staging / "README.md").write_text(predicted_card(name, config["model_args"], ghn_name, ghn_hash,
                                                           n_classes, {**data, "input_size": list(input_size)}))
     return out
+

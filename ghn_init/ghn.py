@@ -9,9 +9,10 @@ width or depth starts in a trainable regime.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -70,6 +71,22 @@ def _log_dim(n: int) -> float:
     return math.log2(n + 1) / 10.0
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the GHN itself on one thread: matrix products split over threads sum in another order,
+    so predictions would depend on the thread count. The GHN costs milliseconds; tiling, the
+    memory-bound part, runs outside with all threads."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _as_4d(shape: tuple[int, ...], spatial: bool) -> tuple[int, int, int, int]:
     """View any parameter shape as (out, in, kh, kw): conv kernels keep their spatial dims."""
     if len(shape) == 0:
@@ -125,17 +142,39 @@ def _mean_aggregate(messages: torch.Tensor, dst: torch.Tensor, weight: torch.Ten
 
 
 def _tile(block: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Repeat ``block`` along every dim until it covers ``shape``, then crop to it."""
+    """Repeat ``block`` along every dim until it covers ``shape``, then crop to it (differentiable)."""
     reps = [math.ceil(s / b) for s, b in zip(shape, block.shape)]
     if any(r > 1 for r in reps):
         block = block.repeat(*reps)
     return block[tuple(slice(0, s) for s in shape)]
 
 
-def _normalize(raw: torch.Tensor, role: str, fan_in: int) -> torch.Tensor:
-    """Op-dependent output scaling: fan-in scaled weights, bounded biases and norm affines."""
+def _tile_into(block: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Same values as :func:`_tile`, written straight into one contiguous tensor.
+
+    Only a strip of ``block.shape[0]`` rows is tiled the slow way; the output is then filled
+    with one broadcast copy of that strip, so it is the only large allocation and each element
+    is written once: what keeps billion-parameter predictions within memory and fast.
+    """
+    rows = min(block.shape[0], shape[0])
+    strip = _tile(block, (rows, *shape[1:])).contiguous()
+    out = block.new_empty(tuple(shape))
+    full, rest = divmod(shape[0], rows)
+    if full:
+        out[: full * rows].view(full, *strip.shape).copy_(strip.expand(full, *strip.shape))
+    if rest:
+        out[full * rows:].copy_(strip[:rest])
+    return out
+
+
+def _normalize(raw: torch.Tensor, role: str, fan_in: torch.Tensor) -> torch.Tensor:
+    """Op-dependent output scaling: fan-in scaled weights, bounded biases and norm affines.
+
+    Elementwise, so it is applied to the small decoded blocks before tiling. ``fan_in`` holds one
+    value per block, broadcast over the block's dims.
+    """
     if role == "weight":
-        return raw / math.sqrt(fan_in)
+        return raw / fan_in.sqrt().view(-1, *[1] * (raw.dim() - 1))
     if role == "bias":
         return 0.1 * torch.tanh(raw)
     if role == "norm_weight":
@@ -147,6 +186,41 @@ def _normalize(raw: torch.Tensor, role: str, fan_in: int) -> torch.Tensor:
     if role == "embedding":
         return 0.05 * raw
     return 0.02 * raw
+
+
+@dataclasses.dataclass
+class _Target:
+    """One tensor to predict: where its node state is and how its block is decoded and tiled."""
+
+    graph: int
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    row: int                          # node row in the batched node states
+    view: tuple[int, int, int, int]   # the shape as (out, in, kh, kw)
+    kind: str                         # "vector", "dense" or "kernel"
+
+    @property
+    def tile_shape(self) -> tuple[int, ...]:
+        if self.kind == "vector":
+            return (math.prod(self.shape) if self.shape else 1,)
+        return self.view[:2] if self.kind == "dense" else self.view
+
+
+def _targets(graphs: Sequence[ArchGraph], encoded: Sequence[_Encoded], offsets: Sequence[int]) -> list[_Target]:
+    targets = []
+    for gi, (enc, off) in enumerate(zip(encoded, offsets)):
+        nodes = graphs[gi].nodes
+        for node, name, shape, role in enc.params:
+            view = _as_4d(shape, spatial=nodes[node].op.endswith("conv"))
+            if len(shape) <= 1 or role in ("bias", "norm_weight", "norm_bias", "scale"):
+                kind = "vector"
+            elif view[2] == 1 and view[3] == 1:
+                kind = "dense"
+            else:
+                kind = "kernel"
+            targets.append(_Target(gi, name, shape, role, off + node, view, kind))
+    return targets
 
 
 class GHN(nn.Module):
@@ -179,6 +253,7 @@ class GHN(nn.Module):
             # latents start with std ~0.25: raw blocks start near std 0.5, weights near 0.5/sqrt(fan_in)
             nn.init.normal_(block.weight, std=2.0 / math.sqrt(cfg.latent))
             nn.init.zeros_(block.bias)
+        self.register_load_state_dict_pre_hook(_extend_op_vocabulary)
 
     # ------------------------------------------------------------------ differentiable core
     def node_states(self, graphs: Sequence[ArchGraph]) -> tuple[torch.Tensor, list[_Encoded], list[int]]:
@@ -206,63 +281,55 @@ class GHN(nn.Module):
             h = self.node_norm[r](self.update[r](m, h))
         return h, encoded, offsets
 
-    def forward(self, graphs: Sequence[ArchGraph]) -> list[dict[str, torch.Tensor]]:
-        """Predicted parameters (float32, on the GHN's device) for each graph, keyed by name."""
+    def decode(self, graphs: Sequence[ArchGraph]) -> tuple[list[_Target], list[torch.Tensor]]:
+        """Every parameter of ``graphs`` as a small normalized block, decoded in batches of equal shape.
+
+        Tiling a block to its tensor's shape is left to the caller, so prediction can produce
+        tensors one at a time.
+        """
         h, encoded, offsets = self.node_states(graphs)
+        targets = _targets(graphs, encoded, offsets)
+        if not targets:
+            return [], []
         device = h.device
         cfg = self.config
-        entries = []  # (graph index, name, shape, role, node row, 4d view, kind)
-        for gi, (enc, off) in enumerate(zip(encoded, offsets)):
-            nodes = graphs[gi].nodes
-            for node, name, shape, role in enc.params:
-                view = _as_4d(shape, spatial=nodes[node].op.endswith("conv"))
-                if len(shape) <= 1 or role in ("bias", "norm_weight", "norm_bias", "scale"):
-                    kind = "vector"
-                elif view[2] == 1 and view[3] == 1:
-                    kind = "dense"
-                else:
-                    kind = "kernel"
-                entries.append((gi, name, shape, role, off + node, view, kind))
-        results: list[dict[str, torch.Tensor]] = [{} for _ in graphs]
-        if not entries:
-            return results
-        rows = torch.tensor([e[4] for e in entries], device=device)
-        roles = torch.tensor([ROLES.index(e[3]) for e in entries], device=device)
-        dims = torch.tensor([[_log_dim(d) for d in e[5]] for e in entries], device=device)
+        rows = torch.tensor([t.row for t in targets], device=device)
+        roles = torch.tensor([ROLES.index(t.role) for t in targets], device=device)
+        dims = torch.tensor([[_log_dim(d) for d in t.view] for t in targets], device=device)
+        fan_in = torch.tensor([float(t.view[1] * t.view[2] * t.view[3]) for t in targets], device=device)
         z = self.param_norm(h[rows] + self.role_embed(roles) + self.param_shape_embed(dims))
 
-        outputs: list[torch.Tensor | None] = [None] * len(entries)
-        groups: dict[Any, list[int]] = {}
-        for i, e in enumerate(entries):
-            key = (e[6], min(e[5][2], cfg.max_kernel), min(e[5][3], cfg.max_kernel)) if e[6] == "kernel" else e[6]
-            groups.setdefault(key, []).append(i)
-        for key, idx in groups.items():
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, t in enumerate(targets):
+            kernel = (min(t.view[2], cfg.max_kernel), min(t.view[3], cfg.max_kernel)) if t.kind == "kernel" else ()
+            groups.setdefault((t.kind, t.role, *kernel), []).append(i)
+        blocks: list[torch.Tensor | None] = [None] * len(targets)
+        for (kind, role, *kernel), idx in groups.items():
             sel = torch.tensor(idx, device=device)
-            if key == "vector":
-                blocks = self.vector_head(z[sel])
-            elif key == "dense":
-                blocks = self.dense_block(self.dense_latent(z[sel])).view(-1, cfg.block_1x1, cfg.block_1x1)
+            if kind == "vector":
+                raw = self.vector_head(z[sel])
+            elif kind == "dense":
+                raw = self.dense_block(self.dense_latent(z[sel])).view(-1, cfg.block_1x1, cfg.block_1x1)
             else:
-                _, kh, kw = key
+                kh, kw = kernel
                 s = cfg.max_kernel
                 lat = self.kernel_latent(z[sel]).view(-1, cfg.latent, s, s)
                 top, left = (s - kh) // 2, (s - kw) // 2
                 lat = lat[:, :, top:top + kh, left:left + kw].permute(0, 2, 3, 1)
-                blocks = self.kernel_block(lat).view(-1, kh, kw, cfg.block, cfg.block).permute(0, 3, 4, 1, 2)
-            for j, i in enumerate(idx):
-                outputs[i] = blocks[j]
-        for (gi, name, shape, role, _, view, kind), block in zip(entries, outputs):
-            if kind == "vector":
-                raw = _tile(block, (math.prod(shape) if shape else 1,))
-            elif kind == "dense":
-                raw = _tile(block, view[:2])
-            else:
-                raw = _tile(block, view)
-            fan_in = view[1] * view[2] * view[3]
-            results[gi][name] = _normalize(raw, role, fan_in).reshape(shape)
+                raw = self.kernel_block(lat).view(-1, kh, kw, cfg.block, cfg.block).permute(0, 3, 4, 1, 2)
+            for i, block in zip(idx, _normalize(raw, role, fan_in[sel])):
+                blocks[i] = block
+        return targets, blocks
+
+    def forward(self, graphs: Sequence[ArchGraph]) -> list[dict[str, torch.Tensor]]:
+        """Predicted parameters (float32, on the GHN's device) for each graph, keyed by name."""
+        targets, blocks = self.decode(graphs)
+        results: list[dict[str, torch.Tensor]] = [{} for _ in graphs]
+        for target, block in zip(targets, blocks):
+            results[target.graph][target.name] = _tile(block, target.tile_shape).reshape(target.shape)
         for gi, graph in enumerate(graphs):
-            for alias, target in graph.aliases.items():
-                results[gi][alias] = results[gi][target]
+            for alias, name in graph.aliases.items():
+                results[gi][alias] = results[gi][name]
         return results
 
     # ------------------------------------------------------------------ user-facing API
@@ -290,35 +357,66 @@ class GHN(nn.Module):
 
         Works on meta-device models. Tensors are returned on the CPU.
         """
-        return self._predict(model, input_size)[0]
+        return dict(self.predict_tensors(model, input_size))
 
-    def _predict(self, model: nn.Module,
-                 input_size: Sequence[int] | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def predict_tensors(self, model: nn.Module,
+                        input_size: Sequence[int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for every state-dict entry in order, each made only when asked for.
+
+        Memory for one full-size tensor at a time: the way to write models larger than RAM
+        straight to a file (see :func:`ghn_init.export.save_predicted`).
+        """
+        for name, tensor, _ in self._stream(model, input_size):
+            yield name, tensor
+
+    @torch.no_grad()
+    def _stream(self, model: nn.Module,
+                input_size: Sequence[int] | None) -> Iterator[tuple[str, torch.Tensor, str | None]]:
+        """State-dict entries with a note: ``None`` when predicted, else why the value was copied."""
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
-                graph = build_graph(model, input_size)
-                params = self.forward([graph])[0]
+            graph = build_graph(model, input_size)
+            graph.virtual_edges(self.config.virtual_cutoff)
+            with _one_thread():
+                targets, blocks = self.decode([graph])
         finally:
             self.train(was_training)
+        decoded = {t.name: (t, b.detach().cpu()) for t, b in zip(targets, blocks)}
+        aliased = dict(graph.aliases)
+        tied = set(aliased.values())
+        shared: dict[str, torch.Tensor] = {}  # tied parameters: made once, yielded under every name
         statistics = norm_statistics(model)
-        state: dict[str, torch.Tensor] = {}
-        kept: dict[str, str] = {}
         label = type(model).__name__
         for name, ref in model.state_dict(keep_vars=True).items():
-            if name in params:
-                state[name] = params[name].detach().to("cpu", ref.dtype)
+            source = aliased.get(name, name)
+            if source in decoded:
+                if source in shared:
+                    tensor = shared[source]
+                else:
+                    target, block = decoded[source]
+                    tensor = _tile_into(block.to(ref.dtype), target.tile_shape).view(target.shape)
+                    if source in tied:
+                        shared[source] = tensor
+                yield name, tensor, None
             elif name in statistics:
-                state[name] = statistics[name](ref)
+                yield name, statistics[name](ref), None
             elif ref.device.type != "meta":
-                state[name] = ref.detach().to("cpu", copy=True)
-                kept[name] = "buffer copied from the model (constants, not weights)"
+                yield name, ref.detach().to("cpu", copy=True), "buffer copied from the model (constants, not weights)"
             else:
                 raise ValueError(
                     f"{label}: buffer {name!r} lives on the meta device and is not a normalization "
                     "statistic, so its values are unknown; build the model on the CPU to predict it."
                 )
+
+    def _predict(self, model: nn.Module,
+                 input_size: Sequence[int] | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        state: dict[str, torch.Tensor] = {}
+        kept: dict[str, str] = {}
+        for name, tensor, note in self._stream(model, input_size):
+            state[name] = tensor
+            if note is not None:
+                kept[name] = note
         return state, kept
 
     @torch.no_grad()
@@ -331,6 +429,16 @@ class GHN(nn.Module):
         else:
             model.load_state_dict(state)
         return PredictionReport(predicted=[k for k in state if k not in kept], skipped=kept)
+
+
+def _extend_op_vocabulary(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+    """Load a GHN saved before op types were appended: the new types start as ``other``, the type
+    those ops had when it was trained, so its predictions are unchanged until it is retrained."""
+    key = prefix + "op_embed.weight"
+    weight = state_dict.get(key)
+    if weight is not None and 0 < weight.shape[0] < len(OP_TYPES):
+        other = weight[OP_TYPES.index("other")]
+        state_dict[key] = torch.cat([weight, other.expand(len(OP_TYPES) - weight.shape[0], -1)])
 
 
 def norm_statistics(model: nn.Module) -> dict[str, Any]:

@@ -53,6 +53,16 @@ OP_TYPES: tuple[str, ...] = (
     "scale",        # a parameter multiplied with activations (layer scale)
     "other",        # any other autograd op: still a node, typed generically
     "unused",       # a parameter the forward pass never reached
+    "rms_norm",     # RMSNorm / SimpleNorm modules (no mean subtraction), fused into one node
+    "response_norm",  # global / filter response normalization modules (GRN, FRN), fused
+    "evo_norm",     # EvoNorm modules, fused
+    "std_conv",     # weight-standardized convolution modules (NFNet, BiT), fused
+    "rel_pos",      # a parameter table gathered by index: relative-position biases
+    "upsample",     # interpolation (nearest, bilinear, bicubic)
+    "affine",       # a * x + b with parameters a, b in one op (ResMLP's Affine)
+    "clamp",        # clamping activations (attention logit caps, numerical guards)
+    "pointwise",    # other elementwise math: pow, sqrt, rsqrt, exp, sin, cos, 1 - x
+    "reduce",       # reductions other than means: variance, norms, max
 )
 
 #: What a parameter is to the op that consumes it; selects the output normalization.
@@ -72,6 +82,17 @@ _OP_OF_AUTOGRAD: dict[str, str] = {
     "Gelu": "gelu", "Silu": "silu", "Sigmoid": "sigmoid", "Tanh": "tanh",
     "Hardswish": "hardswish", "Hardsigmoid": "hardsigmoid",
     "Softmax": "softmax", "SafeSoftmax": "softmax", "LogSoftmax": "softmax",
+    "AdaptiveMaxPool2D": "max_pool", "CopySlices": "concat", "Col2Im": "sum",
+    "UpsampleNearest2D": "upsample", "UpsampleBilinear2D": "upsample", "UpsampleBicubic2D": "upsample",
+    "UpsampleBicubic2DAa": "upsample", "UpsampleBilinear2DAa": "upsample", "UpsampleLinear1D": "upsample",
+    "UpsampleNearest1D": "upsample", "UpsampleNearestExact2D": "upsample",
+    "Index": "rel_pos", "Addcmul": "affine",
+    "Clamp0": "clamp", "Clamp1": "clamp", "ClampMin": "clamp", "ClampMax": "clamp",
+    **dict.fromkeys(("Pow0", "Pow1", "Pow2", "Sqrt", "Rsqrt", "Exp", "Log", "Sin", "Cos", "Abs", "Reciprocal",
+                     "Rsub0", "Rsub1", "Erf", "Softplus", "Mish"), "pointwise"),
+    "Elu": "relu", "Celu": "relu", "Selu": "relu", "Prelu": "relu", "PreluKernel": "relu",
+    **dict.fromkeys(("Var", "Std", "VarMean", "LinalgVectorNorm", "Norm", "Amax", "Max0", "Max1", "Sum0",
+                     "Logsumexp"), "reduce"),
 }
 
 #: Autograd ops that only reshape, reorder, copy or rescale by a constant: collapsed away.
@@ -80,12 +101,55 @@ _PASS_THROUGH: frozenset[str] = frozenset({
     "Select", "Slice", "Unbind", "Squeeze0", "Squeeze1", "Squeeze2", "Unsqueeze", "Split",
     "SplitWithSizes", "UnsafeSplit", "Alias", "AsStrided", "NativeDropout", "Flatten", "ToCopy",
     "Add1", "Sub1", "Mul1", "Div1", "Neg", "Contiguous", "Roll", "PixelShuffle", "PixelUnshuffle",
+    "ConstantPadNd", "ReflectionPad1D", "ReflectionPad2D", "ReplicationPad2D", "Repeat", "Im2Col", "Unfold",
+    "CopyBackwards", "IndexSelect", "Gather", "Flip", "Narrow", "NewZeros", "Cumsum",
 })
 
 _SCALAR_CANDIDATES = frozenset({"Add0", "Sub0", "Mul0", "Div0"})
 _NORM_OPS = frozenset({"batch_norm", "layer_norm", "group_norm"})
-_PARAM_OP_OF_CONSUMER = {"sum": "pos_embed", "concat": "token", "mul": "scale"}
+_PARAM_OP_OF_CONSUMER = {"sum": "pos_embed", "concat": "token", "mul": "scale", "upsample": "pos_embed"}
+_WEIGHT_OPS = frozenset({"conv", "dw_conv", "group_conv", "std_conv", "linear", "matmul"})
 _BACKWARD_SUFFIX = re.compile(r"Backward(\d*)$")
+
+
+def _fused_module_types() -> dict[type, tuple[str, dict[str, str]]]:
+    """Modules traced as ONE node: ``type -> (op, {parameter name: role})``.
+
+    Their autograd graphs are chains of generic arithmetic (an RMSNorm is pow, mean, rsqrt, mul);
+    typed by module class they become the op they are. Roles not listed default by shape.
+    """
+    table: dict[type, tuple[str, dict[str, str]]] = {}
+    norm_roles = {"weight": "norm_weight", "bias": "norm_bias"}
+    table[nn.RMSNorm] = ("rms_norm", norm_roles)
+    try:
+        from timm.layers import evo_norm, filter_response_norm, grn, norm, std_conv
+    except ImportError:  # timm is optional for plain PyTorch models
+        return table
+    for name in ("RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32",
+                 "SimpleNorm", "SimpleNorm2d", "SimpleNormFp32", "SimpleNorm2dFp32"):
+        if hasattr(norm, name):
+            table[getattr(norm, name)] = ("rms_norm", norm_roles)
+    table[grn.GlobalResponseNorm] = ("response_norm", {"weight": "scale", "bias": "norm_bias"})
+    for cls in (filter_response_norm.FilterResponseNormTlu2d, filter_response_norm.FilterResponseNormAct2d):
+        table[cls] = ("response_norm", {**norm_roles, "tau": "norm_bias"})
+    for name in dir(evo_norm):
+        cls = getattr(evo_norm, name)
+        if name.startswith("EvoNorm") and isinstance(cls, type) and issubclass(cls, nn.Module):
+            table[cls] = ("evo_norm", {**norm_roles, "v": "scale"})
+    for name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
+        table[getattr(std_conv, name)] = ("std_conv", {"weight": "weight", "bias": "bias", "gain": "scale"})
+    return table
+
+
+@dataclasses.dataclass
+class _FusedCall:
+    """One call of a fused module: where its output came from and which parameters it used."""
+
+    op: str
+    autograd_op: str
+    inputs: list[Any]                     # grad_fns of the tensor arguments
+    params: list[tuple[str, str]]         # (parameter name, role)
+    attrs: dict[str, Any]
 
 
 class GraphBuildError(RuntimeError):
@@ -202,12 +266,15 @@ def _is_scalar_arithmetic(key: str, fn: Any) -> bool:
 
 
 def _role(op: str, arg_index: int, ndim: int) -> str:
+    """What a parameter is to the op consuming it, from the op and the argument it fills."""
     if op in _NORM_OPS:
         return "norm_weight" if arg_index == 1 else "norm_bias"
-    if op in ("conv", "linear", "matmul"):
+    if op in _WEIGHT_OPS:
         return "weight" if ndim >= 2 else "bias"
-    if op == "pos_embed" or op == "token":
+    if op in ("pos_embed", "token", "rel_pos"):
         return "embedding"
+    if op == "affine":
+        return "norm_bias" if arg_index == 0 else "norm_weight"
     if op == "scale":
         return "scale"
     return "other"
@@ -234,9 +301,41 @@ def _output_tensors(out: Any) -> Iterable[torch.Tensor]:
             yield from _output_tensors(value)
 
 
+def _conv_attrs(stride: Sequence[int], dilation: Sequence[int], groups: int, transposed: bool) -> dict[str, Any]:
+    return {"stride": list(stride), "dilation": list(dilation), "groups": int(groups), "transposed": bool(transposed)}
+
+
+def _record_fused_calls(model: nn.Module, calls: dict[Any, _FusedCall]) -> list[Any]:
+    """Forward hooks that note, per fused-module call, its output's grad_fn; returns the handles."""
+    table = _fused_module_types()
+    handles = []
+    for prefix, module in model.named_modules():
+        spec = table.get(type(module))
+        if spec is None:
+            continue
+        op, roles = spec
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any, prefix: str = prefix, op: str = op,
+                 roles: dict[str, str] = roles) -> None:
+            inputs = [a.grad_fn or a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            out_fn = output.grad_fn if isinstance(output, torch.Tensor) else None
+            if out_fn is None or out_fn in inputs:
+                return
+            dot = f"{prefix}." if prefix else ""
+            params = [(dot + name, roles.get(name, "weight" if p.dim() >= 2 else "norm_bias"))
+                      for name, p in module.named_parameters()]
+            attrs = {}
+            if op == "std_conv":
+                attrs = _conv_attrs(module.stride, module.dilation, module.groups, False)
+            calls[out_fn] = _FusedCall(op, type(module).__name__, inputs, params, attrs)
+
+        handles.append(module.register_forward_hook(hook))
+    return handles
+
+
 def _trace(
     model: nn.Module, input_size: Sequence[int]
-) -> tuple[list[torch.Tensor], dict[int, str], dict[str, str], torch.Tensor]:
+) -> tuple[list[torch.Tensor], dict[int, str], dict[str, str], torch.Tensor, dict[Any, _FusedCall]]:
     """Run the forward pass on meta twins of all tensors; the model itself is left untouched."""
     names: dict[int, str] = {}
     aliases: dict[str, str] = {}
@@ -260,14 +359,18 @@ def _trace(
             # same op and graph as train mode, without the running-stat update that meta tensors
             # can only run through slow Python decompositions
             module.training = False
+    fused: dict[Any, _FusedCall] = {}
+    handles = _record_fused_calls(model, fused)
     try:
         with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
             out = torch.func.functional_call(model, substitutes, (x,), strict=False)
     finally:
+        for handle in handles:
+            handle.remove()
         for module, mode in modes.items():
             module.training = mode
     outputs = [t for t in _output_tensors(out) if t.grad_fn is not None]
-    return outputs, names, aliases, x
+    return outputs, names, aliases, x, fused
 
 
 def build_graph(model: nn.Module, input_size: Sequence[int] | None = None, *, name: str | None = None) -> ArchGraph:
@@ -279,7 +382,7 @@ def build_graph(model: nn.Module, input_size: Sequence[int] | None = None, *, na
     cfg = getattr(model, "pretrained_cfg", None)
     label = name or (cfg.get("architecture") if isinstance(cfg, dict) else None) or type(model).__name__
     try:
-        outputs, names, aliases, x = _trace(model, input_size)
+        outputs, names, aliases, x, fused = _trace(model, input_size)
     except Exception as err:  # noqa: BLE001 - any forward failure is reported with model and size
         raise GraphBuildError(
             f"forward pass of {label} failed for input size {'x'.join(map(str, input_size))}: "
@@ -296,13 +399,16 @@ def build_graph(model: nn.Module, input_size: Sequence[int] | None = None, *, na
         """Real op nodes and AccumulateGrad leaves reached from ``fn`` through pass-through ops."""
         if fn is None:
             return [], []
+        if fn in fused:
+            return [fn], []
         key = _autograd_key(fn)
         if key == "AccumulateGrad":
             return [], [fn]
-        if key not in _PASS_THROUGH and not _is_scalar_arithmetic(key, fn):
-            return [fn], []
         if fn in resolved:
             return resolved[fn]
+        if key not in _PASS_THROUGH and not _is_scalar_arithmetic(key, fn):
+            if key != "Index" or gathers_parameter(fn):
+                return [fn], []
         ops, leaves = [], []
         for nxt, _ in fn.next_functions:
             o, leaf = resolve(nxt)
@@ -311,41 +417,75 @@ def build_graph(model: nn.Module, input_size: Sequence[int] | None = None, *, na
         resolved[fn] = (ops, leaves)
         return ops, leaves
 
+    def gathers_parameter(fn: Any) -> bool:
+        """An index op reading a parameter table (relative-position bias); other gathers only move data."""
+        return any(id(leaf.variable) != id(x) for nxt, _ in fn.next_functions for leaf in resolve(nxt)[1])
+
     input_leaf_id = id(x)
+    param_shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     op_of: dict[Any, int] = {}
     nodes: list[GraphNode] = [GraphNode("input", "Input")]
     edges: set[tuple[int, int]] = set()
     seen_params: set[str] = set()
 
-    def add_node(fn: Any, producers: list[Any], leaves: list[tuple[Any, int]]) -> int:
-        key = _autograd_key(fn)
-        op = _OP_OF_AUTOGRAD.get(key, "other")
-        params = [(leaf, arg) for leaf, arg in leaves if id(leaf.variable) != input_leaf_id]
+    def add_node(node: GraphNode, producers: list[Any], from_input: bool) -> int:
+        kept = []
+        for pname, shape, role in node.params:
+            pname = aliases.get(pname, pname)
+            if pname not in seen_params:
+                seen_params.add(pname)
+                kept.append((pname, shape, role))
+        node.params = kept
+        nodes.append(node)
+        index = len(nodes) - 1
+        edges.update((op_of[producer], index) for producer in producers)
+        if from_input:
+            edges.add((0, index))
+        return index
+
+    def autograd_node(fn: Any, leaves: list[tuple[Any, int]]) -> GraphNode:
+        """Type an autograd function by its class and the parameters it consumes directly."""
+        op = _OP_OF_AUTOGRAD.get(_autograd_key(fn), "other")
+        params = [(leaf.variable, arg) for leaf, arg in leaves
+                  if id(leaf.variable) != input_leaf_id and id(leaf.variable) in names]
         if params and op in _PARAM_OP_OF_CONSUMER:
             op = _PARAM_OP_OF_CONSUMER[op]
         if op == "matmul" and params:
             op = "linear"
         attrs: dict[str, Any] = {}
         if op == "conv":
-            attrs = {"stride": list(fn._saved_stride), "dilation": list(fn._saved_dilation),
-                     "groups": int(fn._saved_groups), "transposed": bool(fn._saved_transposed)}
-            weight = next((leaf.variable for leaf, _ in params if leaf.variable.dim() >= 3), None)
+            attrs = _conv_attrs(fn._saved_stride, fn._saved_dilation, fn._saved_groups, fn._saved_transposed)
+            weight = next((p for p, _ in params if p.dim() >= 3), None)
             if attrs["groups"] > 1 and weight is not None:
                 op = "dw_conv" if weight.shape[1] == 1 else "group_conv"
-        node = GraphNode(op, type(fn).__name__, attrs=attrs)
-        for leaf, arg in params:
-            pname = names.get(id(leaf.variable))
-            if pname is None or pname in seen_params:
-                continue
-            seen_params.add(pname)
-            node.params.append((pname, tuple(leaf.variable.shape), _role(op, arg, leaf.variable.dim())))
-        nodes.append(node)
-        index = len(nodes) - 1
-        for producer in producers:
-            edges.add((op_of[producer], index))
-        if any(id(leaf.variable) == input_leaf_id for leaf, _ in leaves):
-            edges.add((0, index))
-        return index
+        return GraphNode(op, type(fn).__name__, attrs=attrs,
+                         params=[(names[id(p)], tuple(p.shape), _role(op, arg, p.dim())) for p, arg in params])
+
+    def inputs_of(fn: Any) -> tuple[list[Any], list[tuple[Any, int]], bool]:
+        """(op producers, (parameter leaf, argument index) pairs, whether the image feeds ``fn``)."""
+        producers, leaves, from_input = [], [], False
+        if fn in fused:
+            for arg in fused[fn].inputs:
+                if isinstance(arg, torch.Tensor):
+                    from_input |= id(arg) == input_leaf_id
+                    continue
+                ops, found = resolve(arg)
+                producers += ops
+                from_input |= any(id(leaf.variable) == input_leaf_id for leaf in found)
+            return producers, leaves, from_input
+        for arg, (nxt, _) in enumerate(fn.next_functions):
+            ops, found = resolve(nxt)
+            producers += ops
+            leaves += [(leaf, arg) for leaf in found]
+        from_input = any(id(leaf.variable) == input_leaf_id for leaf, _ in leaves)
+        return producers, leaves, from_input
+
+    def make_node(fn: Any, leaves: list[tuple[Any, int]]) -> GraphNode:
+        if fn not in fused:
+            return autograd_node(fn, leaves)
+        call = fused[fn]
+        return GraphNode(call.op, call.autograd_op, attrs=call.attrs,
+                         params=[(name, param_shapes[name], role) for name, role in call.params])
 
     # Iterative post-order DFS from the outputs: producers are numbered before their consumers.
     for output in outputs:
@@ -356,13 +496,9 @@ def build_graph(model: nn.Module, input_size: Sequence[int] | None = None, *, na
                 fn, expanded = stack.pop()
                 if fn in op_of:
                     continue
-                producers, leaves = [], []
-                for arg, (nxt, _) in enumerate(fn.next_functions):
-                    o, leaf = resolve(nxt)
-                    producers += o
-                    leaves += [(lf, arg) for lf in leaf]
+                producers, leaves, from_input = inputs_of(fn)
                 if expanded:
-                    op_of[fn] = add_node(fn, producers, leaves)
+                    op_of[fn] = add_node(make_node(fn, leaves), producers, from_input)
                     continue
                 stack.append((fn, True))
                 stack.extend((p, False) for p in reversed(producers) if p not in op_of)

@@ -16,10 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 from torch import nn
 
-from .export import create_meta_model, input_size_for
+from .export import create_meta_model, input_size_for, write_predicted
 from .ghn import GHN
 from .hub import content_hash, load
 
@@ -48,12 +47,11 @@ def predicted_file(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Pat
         return path
     kwargs = dict(timm_kwargs)
     model, _ = create_meta_model(name, num_classes=kwargs.pop("num_classes", None), **kwargs)
-    state = ghn.predict(model, input_size_for(model, ghn, timm_kwargs.get("img_size")))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, partial,
-                                    metadata={"format": "pt", "ghn_sha256": ghn_hash, "architecture": name})
+        write_predicted(ghn, model, input_size_for(model, ghn, timm_kwargs.get("img_size")), partial,
+                        metadata={"format": "pt", "ghn_sha256": ghn_hash, "architecture": name})
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -1,0 +1,70 @@
+"""Write a safetensors file one tensor at a time.
+
+``safetensors.torch.save_file`` needs every tensor in memory at once; predicted weights of a
+billion-parameter model are made one tensor at a time, so they are written as they come: the
+header is known up front (names, dtypes and shapes are those of the meta-device model), then
+each tensor's bytes are appended. Peak memory is the largest tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+__all__ = ["write_safetensors"]
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
+    entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in specs.items():
+        if dtype not in _DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        size = math.prod(shape) * dtype.itemsize
+        entries[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    return header + b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+
+
+def write_safetensors(path: str | os.PathLike, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                      tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (in the order and with the dtypes and shapes of ``specs``) to ``path``.
+
+    Every tensor of ``specs`` must arrive exactly once and match its spec; otherwise the partial
+    file is removed and the error names the tensor.
+    """
+    path = Path(path)
+    header = _header(specs, metadata)
+    expected = iter(specs.items())
+    try:
+        with open(path, "wb") as file:
+            file.write(len(header).to_bytes(8, "little"))
+            file.write(header)
+            for name, tensor in tensors:
+                want_name, (dtype, shape) = next(expected, (None, (None, None)))
+                if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                    raise ValueError(
+                        f"tensor {name!r} ({tensor.dtype}, {tuple(tensor.shape)}) does not match the header's "
+                        f"next entry {want_name!r} ({dtype}, {shape})"
+                    )
+                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                file.write(memoryview(data.numpy()))
+            missing = [name for name, _ in expected]
+            if missing:
+                raise ValueError(f"{len(missing)} tensors never arrived, first {missing[:3]}")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path

@@ -129,4 +129,3 @@ def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: 
         (staging / "README.md").write_text(predicted_card(name, config["model_args"], ghn_name, ghn_hash,
                                                           n_classes, {**data, "input_size": list(input_size)}))
     return out
-

@@ -33,6 +33,11 @@ def _predict(args: argparse.Namespace) -> None:
     out = save_predicted(args.model, args.out, ghn, num_classes=args.num_classes, img_size=args.img_size,
                          model_kwargs=dict(args.kwarg), overwrite=args.overwrite)
     print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
+    if args.push_to_hub:
+        from .hub import push_predicted
+
+        url = push_predicted(out, args.push_to_hub, private=args.private or None)
+        print(f"pushed to {url}: load it with timm.create_model('hf-hub:{args.push_to_hub}', pretrained=True)")
 
 
 def _graph(args: argparse.Namespace) -> None:
@@ -98,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--ghn", help="GHN: a local folder or Hub repo id (default: the embedded GHN)")
     predict.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    predict.add_argument("--push-to-hub", metavar="REPO_ID",
+                         help="then upload the folder to this Hub model repo (created if missing; uses your HF login)")
+    predict.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
     predict.set_defaults(run=_predict)
 
     graph = sub.add_parser("graph", help="write the architecture graph of a timm model")
@@ -127,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "private", False) and not args.push_to_hub:
+        parser.error("--private only applies with --push-to-hub")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)

@@ -1,8 +1,9 @@
-"""Where GHNs live: the embedded default, a local folder, or a Hugging Face Hub repo.
+"""Where GHNs live: the embedded default, a local folder, or a Hugging Face Hub repo; and how they get there.
 
 A GHN folder holds ``config.json`` (hyper-parameters, op vocabulary, the data it was trained
 on), ``model.safetensors`` and a ``README.md`` model card. Only safetensors and JSON are read:
 nothing is unpickled. Loading is strict: a missing or unexpected tensor is an error.
+:func:`push_to_hub` uploads a GHN, :func:`push_predicted` a folder of predicted weights.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from .ghn import GHN, GHNConfig
 from .graph import OP_TYPES, ROLES
 
 __all__ = ["CONFIG_NAME", "DEFAULT_NAME", "GHNNotFoundError", "WEIGHTS_NAME", "content_hash", "load",
-           "load_folder", "save_pretrained", "staged_folder"]
+           "load_folder", "push_folder", "push_predicted", "push_to_hub", "save_pretrained", "staged_folder"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -32,6 +36,8 @@ CARD_NAME = "README.md"
 #: The embedded default GHN: the release folder ``hub/ghn2-cifar10``, shipped in the wheel as ``ghn_init/default``.
 DEFAULT_NAME = "ghn-init/ghn2-cifar10"
 _FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 class GHNNotFoundError(FileNotFoundError):
@@ -129,32 +135,189 @@ def _default_folder() -> Path:
     raise GHNNotFoundError(f"the embedded default GHN is missing from {here / 'default'}; reinstall ghn-init")
 
 
-def load(ref: str | os.PathLike | None = None, revision: str | None = None) -> GHN:
+def load(ref: str | os.PathLike | None = None, revision: str | None = None, *,
+         token: str | bool | None = None) -> GHN:
     """The embedded default (``ref=None`` or its name), a local folder, or a Hub repo id.
 
     Hub repos go through huggingface_hub's cache, so ``HF_HUB_OFFLINE=1`` and pinned
-    ``revision`` behave as everywhere on the Hub.
+    ``revision`` behave as everywhere on the Hub. Transient Hub failures (5xx, 429, refused
+    connections) are retried a few times with backoff, which huggingface_hub does not do for
+    every request.
     """
     if ref is None or str(ref) == DEFAULT_NAME:
         return load_folder(_default_folder())
-    tried = []
     path = Path(ref)
     if path.is_dir():
         return load_folder(path)
-    tried.append(f"local folder {path.resolve()}: does not exist")
     try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.utils import validate_repo_id
+        snapshot = _download(str(ref), revision, token)
+    except Exception as err:  # every Hub failure becomes one actionable line of the report
+        tried = [f"local folder {path.resolve()}: does not exist",
+                 f"Hub repo {ref}@{revision or 'main'}: {_explain(err, str(ref), revision)}"]
+        raise GHNNotFoundError(
+            f"no GHN found for {str(ref)!r}. Tried:\n  - " + "\n  - ".join(tried)
+            + f"\nUse a folder with {CONFIG_NAME} and {WEIGHTS_NAME}, a Hub repo id, or None for the default."
+        ) from err
+    return load_folder(snapshot)
 
-        validate_repo_id(str(ref))
-        snapshot = snapshot_download(str(ref), revision=revision,
-                                     allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
-        return load_folder(snapshot)
-    except GHNNotFoundError as err:
-        tried.append(f"Hub repo {ref}@{revision or 'main'}: {err}")
-    except Exception as err:  # noqa: BLE001 - every Hub failure becomes one line of the report
-        tried.append(f"Hub repo {ref}@{revision or 'main'}: {type(err).__name__}: {str(err).splitlines()[0]}")
-    raise GHNNotFoundError(
-        f"no GHN found for {str(ref)!r}. Tried:\n  - " + "\n  - ".join(tried)
-        + f"\nUse a folder with {CONFIG_NAME} and {WEIGHTS_NAME}, a Hub repo id, or None for the default."
+
+#: Attempts and first wait (doubled after each failure) of :func:`load` on transient Hub failures.
+HUB_ATTEMPTS = 3
+HUB_RETRY_WAIT_S = 1.0
+_TRANSIENT_STATUS = (429, 500, 502, 503, 504)
+
+
+def _download(repo_id: str, revision: str | None, token: str | bool | None) -> Path:
+    """``snapshot_download`` of the GHN files, retried on transient failures; checks the files are there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)
+    for attempt in range(1, HUB_ATTEMPTS + 1):
+        try:
+            snapshot = Path(snapshot_download(repo_id, revision=revision, token=token,
+                                              allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
+            break
+        except Exception as err:
+            if attempt == HUB_ATTEMPTS or not _is_transient(err):
+                raise
+            wait = HUB_RETRY_WAIT_S * 2 ** (attempt - 1)
+            logger.warning("Hub repo %s: %s; retrying in %.1f s (attempt %d of %d)", repo_id,
+                           _first_line(err), wait, attempt + 1, HUB_ATTEMPTS)
+            time.sleep(wait)
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (snapshot / name).is_file()]
+    if missing:
+        raise GHNNotFoundError(f"the repo has no {' and no '.join(missing)} at commit {snapshot.name}")
+    return snapshot
+
+
+def _error_chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Refused or reset connections of the HTTP client huggingface_hub uses (httpx2 from 2.x, httpx in 1.x).
+
+    Timeouts are left out on purpose: huggingface_hub already waits long for them, and
+    retrying would multiply that wait when the machine has no network at all.
+    """
+    classes: list[type[BaseException]] = [ConnectionRefusedError, ConnectionResetError]
+    for module_name in ("httpx2", "httpx"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        classes += [module.ConnectError, module.RemoteProtocolError, module.ReadError]
+    return tuple(classes)
+
+
+def _is_transient(err: BaseException) -> bool:
+    """Worth another try: a 5xx/429 answer or a refused connection, and not ``HF_HUB_OFFLINE`` at work."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    chain = list(_error_chain(err))
+    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        return False
+    for e in chain:
+        if isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", None) in _TRANSIENT_STATUS:
+            return True
+    return any(isinstance(e, _transport_errors()) for e in chain)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _explain(err: BaseException, repo_id: str, revision: str | None) -> str:
+    """One line saying what went wrong with a Hub repo and what to do about it."""
+    from huggingface_hub.errors import (
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
+
+    chain = list(_error_chain(err))
+    if isinstance(err, GHNNotFoundError):
+        return (f"{err}: it is not a GHN repo or its upload is incomplete; push a GHN with "
+                f"ghn_init.hub.push_to_hub(ghn, {repo_id!r})")
+    if isinstance(err, HFValidationError):
+        return f"not a valid repo id ({_first_line(err)})"
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return ("the repo does not exist, or it is private or gated: check the id, or log in with "
+                "`hf auth login` (or pass token=...) as a user who can read it")
+    if any(isinstance(e, RevisionNotFoundError) for e in chain):
+        return f"no branch, tag or commit {revision!r}: pass one that exists, or revision=None for main"
+    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        return ("not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it: "
+                "run once with HF_HUB_OFFLINE unset to cache it")
+    if _is_transient(err):
+        return (f"the Hub did not answer after {HUB_ATTEMPTS} attempts ({_first_line(err)}); try again later, "
+                "or check HF_ENDPOINT and your network")
+    return _first_line(err)
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool | None = None,
+                token: str | bool | None = None, commit_message: str = "Upload with ghn-init") -> str:
+    """Upload a Hub-layout folder (config.json, model.safetensors, README.md) to ``repo_id``; returns the commit URL.
+
+    Creates the repo (and the branch ``revision``) when missing; only the Hub-layout files are sent.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = Path(folder)
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} has no {' and no '.join(missing)}: nothing to push to {repo_id}")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message,
+                                 allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        hint = ("log in with `hf auth login` (or pass token=...) as a user with write access to it"
+                if status in (401, 403) else "check the repo id and your network, then push again")
+        raise RuntimeError(f"could not push {folder} to the Hub repo {repo_id}: {_first_line(err)}; {hint}") from err
+    logger.info("pushed %s to %s", folder, info.commit_url)
+    return info.commit_url
+
+
+def push_to_hub(ghn: GHN, repo_id: str, *, revision: str | None = None, private: bool | None = None,
+                token: str | bool | None = None, commit_message: str = "Upload GHN with ghn-init",
+                model_card: str | None = None) -> str:
+    """Save ``ghn`` (with ``model_card``, or a card built from its meta) and upload it; returns the commit URL.
+
+    ``ghn_init.load(repo_id, revision=...)`` loads it back.
+    """
+    from .cards import ghn_card
+
+    with tempfile.TemporaryDirectory(prefix="ghn-push-") as tmp:
+        folder = save_pretrained(ghn, Path(tmp) / "ghn", model_card=model_card or ghn_card(ghn, repo_id=repo_id))
+        return push_folder(folder, repo_id, revision=revision, private=private, token=token,
+                           commit_message=commit_message)
+
+
+def push_predicted(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None,
+                   private: bool | None = None, token: str | bool | None = None,
+                   commit_message: str | None = None) -> str:
+    """Upload a folder of predicted weights (``ghn-init predict``) to ``repo_id``; returns the commit URL.
+
+    Plain timm then loads it with ``timm.create_model("hf-hub:<repo_id>", pretrained=True)``.
+    """
+    config_path = Path(folder) / CONFIG_NAME
+    architecture = json.loads(config_path.read_text()).get("architecture") if config_path.is_file() else None
+    if not architecture:
+        raise ValueError(f"{folder} is not a folder of predicted weights (no {CONFIG_NAME} naming an architecture); "
+                         "write one with `ghn-init predict` or ghn_init.export.save_predicted")
+    return push_folder(folder, repo_id, revision=revision, private=private, token=token,
+                       commit_message=commit_message or f"Add {architecture} weights predicted by a GHN (ghn-init)")

@@ -7,7 +7,10 @@
 
 The folder gets the GHN's config.json and model.safetensors and a model card stating its data,
 its training stages and compute, and the accuracies in the given evaluation JSON files (written by
-``benchmarks/default_ghn_quality.py``). ``hub/ghn2-cifar10`` is the embedded default GHN.
+``benchmarks/default_ghn_quality.py``): as tables, and as the card's ``model-index`` metadata, which
+the Hub shows. The results are also kept in config.json (``evaluation``), so a later
+``ghn_init.hub.push_to_hub`` of the loaded GHN writes the same metadata. ``hub/ghn2-cifar10`` is the
+embedded default GHN.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 from pathlib import Path
 
 from ghn_init.cards import ghn_card
-from ghn_init.hub import load_folder
+from ghn_init.hub import load_folder, push_folder
 from train_ghn.trainer import summarize_stages, training_stages
 
 HUB = Path(__file__).resolve().parent
@@ -61,19 +64,16 @@ def main() -> None:
     stages = [stage for folder in args.earlier for stage in training_stages(load_folder(folder).meta)]
     ghn.meta["training"] = summarize_stages(stages + training_stages(ghn.meta))
     ghn.meta["name"] = args.name
-    card = ghn_card(ghn, evaluation_markdown(args.evaluation) if args.evaluation else None)
+    if args.evaluation:
+        ghn.meta["evaluation"] = [json.loads(path.read_text()) for path in args.evaluation]
+    card = ghn_card(ghn, evaluation_markdown(args.evaluation) if args.evaluation else None,
+                    repo_id=args.push_to_hub)
     if args.notes:
         card += "\n## Notes\n\n" + args.notes.read_text().strip() + "\n"
     folder = ghn.save_pretrained(HUB / args.name, model_card=card)
     print(f"wrote {folder}")
     if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(args.push_to_hub, exist_ok=True)
-        commit = api.upload_folder(repo_id=args.push_to_hub, folder_path=folder,
-                                   commit_message=f"Release {args.name}")
-        print(f"pushed to {commit.commit_url}")
+        print(f"pushed to {push_folder(folder, args.push_to_hub, commit_message=f'Release {args.name}')}")
 
 
 if __name__ == "__main__":

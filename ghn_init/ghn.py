@@ -345,11 +345,21 @@ class GHN(nn.Module):
         return save_pretrained(self, folder, model_card)
 
     @classmethod
-    def from_pretrained(cls, ref: str | None = None, revision: str | None = None) -> GHN:
+    def from_pretrained(cls, ref: str | None = None, revision: str | None = None, *,
+                        token: str | bool | None = None) -> GHN:
         """Same as :func:`ghn_init.load`."""
         from .hub import load
 
-        return load(ref, revision)
+        return load(ref, revision, token=token)
+
+    def push_to_hub(self, repo_id: str, *, revision: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, commit_message: str = "Upload GHN with ghn-init",
+                    model_card: str | None = None) -> str:
+        """Upload to a Hub model repo (created if missing); returns the commit URL."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, revision=revision, private=private, token=token,
+                           commit_message=commit_message, model_card=model_card)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, input_size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:

@@ -351,7 +351,8 @@ def _trace(
         substitutes[name] = twins[id(param)]
     for name, buf in model.named_buffers(remove_duplicate=False):
         substitutes[name] = torch.empty_like(buf, device="meta")
-    x = torch.empty((2, *input_size), device="meta", requires_grad=True)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    x = torch.empty((2, *input_size), device="meta", dtype=dtype, requires_grad=True)
     modes = {m: m.training for m in model.modules()}
     model.train()
     for module in model.modules():
@@ -480,6 +481,16 @@ def build_graph(model: nn.Module, input_size: Sequence[int] | None = None, *, na
         from_input = any(id(leaf.variable) == input_leaf_id for leaf, _ in leaves)
         return producers, leaves, from_input
 
+    def bias_target(node: GraphNode, producers: list[Any], from_input: bool) -> int | None:
+        """The weight op whose bias ``node`` adds, if it is one: a linear on a non-contiguous input
+        runs as a matrix product plus a separate add of the 1-D bias."""
+        if node.op != "pos_embed" or from_input or len(producers) != 1 or len(node.params) != 1:
+            return None
+        target = nodes[op_of[producers[0]]]
+        if target.op not in _WEIGHT_OPS or len(node.params[0][1]) != 1 or any(r == "bias" for *_, r in target.params):
+            return None
+        return op_of[producers[0]]
+
     def make_node(fn: Any, leaves: list[tuple[Any, int]]) -> GraphNode:
         if fn not in fused:
             return autograd_node(fn, leaves)
@@ -498,7 +509,14 @@ def build_graph(model: nn.Module, input_size: Sequence[int] | None = None, *, na
                     continue
                 producers, leaves, from_input = inputs_of(fn)
                 if expanded:
-                    op_of[fn] = add_node(make_node(fn, leaves), producers, from_input)
+                    node = make_node(fn, leaves)
+                    target = bias_target(node, producers, from_input)
+                    if target is None:
+                        op_of[fn] = add_node(node, producers, from_input)
+                    else:
+                        nodes[target].params += [(n, shape, "bias") for n, shape, _ in node.params]
+                        seen_params.update(n for n, _, _ in node.params)
+                        op_of[fn] = target
                     continue
                 stack.append((fn, True))
                 stack.extend((p, False) for p in reversed(producers) if p not in op_of)

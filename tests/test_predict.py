@@ -1,8 +1,14 @@
 """ghn.predict / apply_ on real timm models with the embedded default GHN."""
 
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
+from torch import nn
 
 import ghn_init
 from ghn_init import GHN, GHNConfig, GraphBuildError
@@ -41,6 +47,58 @@ def test_predict_is_deterministic_and_device_independent(default_ghn):
     cpu = timm.create_model("resnet18", num_classes=10)
     a, b, c = default_ghn.predict(meta), default_ghn.predict(meta), default_ghn.predict(cpu)
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def _digest(state):
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(name.encode() + tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_predict_does_not_depend_on_the_thread_count(default_ghn):
+    """efficientnet_b0's decoder batches summed differently on 1 and 2 threads before the GHN ran on one."""
+    model = timm.create_model("efficientnet_b0", num_classes=10, device="meta")
+    threads = torch.get_num_threads()
+    try:
+        digests = set()
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            digests.add(_digest(default_ghn.predict(model)))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(digests) == 1
+
+
+def test_predict_is_identical_in_a_fresh_process(default_ghn):
+    code = (
+        "import sys, timm, torch, ghn_init; sys.path.insert(0, 'tests'); from test_predict import _digest;"
+        "torch.set_num_threads(2);"
+        "m = timm.create_model('mobilenetv3_small_050', num_classes=10, device='meta');"
+        "print(_digest(ghn_init.load().predict(m)))"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).parent.parent)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10, device="meta")
+    assert fresh.stdout.strip().splitlines()[-1] == _digest(default_ghn.predict(model))
+
+
+def test_predict_tensors_streams_the_state_dict_in_order(default_ghn):
+    model = timm.create_model("resnet18", num_classes=10, device="meta")
+    stream = default_ghn.predict_tensors(model)
+    first_name, first = next(stream)
+    assert first_name == next(iter(model.state_dict())) and first.shape == model.conv1.weight.shape
+    rest = dict(stream)
+    expected = default_ghn.predict(model)
+    assert [first_name, *rest] == list(expected)
+    assert all(torch.equal(expected[k], v) for k, v in rest.items())
+
+
+def test_tied_parameters_are_predicted_once_under_every_name(default_ghn):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight
+    state = default_ghn.predict(model, input_size=(8,))
+    assert state["0.weight"] is state["2.weight"]
 
 
 def test_batchnorm_statistics_at_identity(default_ghn):

@@ -42,7 +42,7 @@ def check_architecture(name: str, ghn: Any, num_classes: int = 10) -> dict[str, 
         row["graph_built"] = True
         started = time.perf_counter()
         kept, tensors = {}, 0
-        for tensor_name, _, note in ghn._stream(model, None):  # one tensor in memory at a time
+        for tensor_name, _, note in ghn._stream(model, None, graph):  # one tensor in memory at a time
             tensors += 1
             if note is not None:
                 kept[tensor_name] = note

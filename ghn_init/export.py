@@ -8,8 +8,10 @@ timm's registry that would be false for predicted weights (tag, license, paper) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ def create_meta_model(name: str, num_classes: int | None = None, img_size: int |
     """
     import timm
 
-    if name not in timm.list_models():
+    if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:8]
         raise ValueError(f"unknown timm architecture {name!r}" + (f"; did you mean one of {close}?" if close else
                          "; see timm.list_models()"))
@@ -61,10 +63,32 @@ def create_meta_model(name: str, num_classes: int | None = None, img_size: int |
         model = timm.create_model(name, device="meta", **model_args)
     except Exception as err:
         raise ValueError(f"timm.create_model({name!r}, **{model_args}) failed: {type(err).__name__}: {err}") from err
-    needs_values = {n for n, _ in model.named_buffers()} - set(norm_statistics(model))
-    if needs_values:  # constant buffers (index tables, masks) need a real build to have values
-        model = timm.create_model(name, **model_args)
+    saved_buffers = set(model.state_dict()) - {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    if saved_buffers - set(norm_statistics(model)):  # saved constants (index tables) need real values
+        with parameters_on_meta():
+            model = timm.create_model(name, **model_args)
     return model, model_args
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with buffers computed on the CPU but parameters on the meta device.
+
+    Each parameter moves to meta as it is registered, before any init touches it, so a model whose
+    constant buffers need real values costs no memory or time for weights the GHN replaces.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def input_size_for(model: nn.Module, ghn: GHN, img_size: int | None) -> tuple[int, int, int]:

@@ -380,13 +380,13 @@ class GHN(nn.Module):
             yield name, tensor
 
     @torch.no_grad()
-    def _stream(self, model: nn.Module,
-                input_size: Sequence[int] | None) -> Iterator[tuple[str, torch.Tensor, str | None]]:
+    def _stream(self, model: nn.Module, input_size: Sequence[int] | None,
+                graph: ArchGraph | None = None) -> Iterator[tuple[str, torch.Tensor, str | None]]:
         """State-dict entries with a note: ``None`` when predicted, else why the value was copied."""
         was_training = self.training
         self.eval()
         try:
-            graph = build_graph(model, input_size)
+            graph = graph or build_graph(model, input_size)
             graph.virtual_edges(self.config.virtual_cutoff)
             with _one_thread():
                 targets, blocks = self.decode([graph])

@@ -63,6 +63,7 @@ OP_TYPES: tuple[str, ...] = (
     "clamp",        # clamping activations (attention logit caps, numerical guards)
     "pointwise",    # other elementwise math: pow, sqrt, rsqrt, exp, sin, cos, 1 - x
     "reduce",       # reductions other than means: variance, norms, max
+    "rnn",          # recurrent layers (LSTM, GRU, RNN) fused: not unrolled over time steps
 )
 
 #: What a parameter is to the op that consumes it; selects the output normalization.
@@ -121,6 +122,8 @@ def _fused_module_types() -> dict[type, tuple[str, dict[str, str]]]:
     table: dict[type, tuple[str, dict[str, str]]] = {}
     norm_roles = {"weight": "norm_weight", "bias": "norm_bias"}
     table[nn.RMSNorm] = ("rms_norm", norm_roles)
+    for cls in (nn.LSTM, nn.GRU, nn.RNN):
+        table[cls] = ("rnn", {})
     try:
         from timm.layers import evo_norm, filter_response_norm, grn, norm, std_conv
     except ImportError:  # timm is optional for plain PyTorch models
@@ -318,11 +321,13 @@ def _record_fused_calls(model: nn.Module, calls: dict[Any, _FusedCall]) -> list[
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any, prefix: str = prefix, op: str = op,
                  roles: dict[str, str] = roles) -> None:
             inputs = [a.grad_fn or a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-            out_fn = output.grad_fn if isinstance(output, torch.Tensor) else None
+            first = next(iter(_output_tensors(output)), None)  # recurrent layers return (output, state)
+            out_fn = first.grad_fn if first is not None else None
             if out_fn is None or out_fn in inputs:
                 return
             dot = f"{prefix}." if prefix else ""
-            params = [(dot + name, roles.get(name, "weight" if p.dim() >= 2 else "norm_bias"))
+            vector_role = "bias" if op == "rnn" else "norm_bias"
+            params = [(dot + name, roles.get(name, "weight" if p.dim() >= 2 else vector_role))
                       for name, p in module.named_parameters()]
             attrs = {}
             if op == "std_conv":

@@ -82,9 +82,11 @@ CASES = {
     "clamp": (Op(lambda m, x: x.clamp(-1.0, 1.0)), {}),
     "pointwise": (Op(lambda m, x: x.exp()), {}),
     "reduce": (Op(lambda m, x: x.var(dim=1)), {}),
+    "rnn": (Op(lambda m, x: m.lstm(tokens(x))[0]), {"lstm.weight_ih_l0": "weight", "lstm.bias_hh_l0": "bias"}),
 }
 CASES["group_conv"][0].conv = nn.Conv2d(4, 8, 3, groups=2)
 CASES["response_norm"][0].grn = GlobalResponseNorm(4, channels_last=True)
+CASES["rnn"][0].lstm = nn.LSTM(4, 6, batch_first=True, bidirectional=True)
 CASES["evo_norm"] = (nn.Sequential(nn.Conv2d(3, 4, 1), EvoNorm2dS0(4, group_size=2)),
                      {"1.weight": "norm_weight", "1.bias": "norm_bias", "1.v": "scale"})
 
@@ -122,6 +124,12 @@ def test_fused_modules_are_one_node():
     graph = build_graph(nn.Sequential(nn.Conv2d(3, 4, 1), RmsNorm2d(4), nn.ReLU()), (3, 4, 4))
     assert [n.op for n in graph.nodes] == ["input", "conv", "rms_norm", "relu"]
     assert graph.edges == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_recurrent_layers_are_not_unrolled():
+    graph = build_graph(CASES["rnn"][0], (3, 4, 4))
+    assert [n.op for n in graph.nodes] == ["input", "conv", "rnn"]
+    assert len(graph.nodes[2].params) == 8  # 4 tensors per direction
 
 
 def test_shape_ops_are_collapsed():

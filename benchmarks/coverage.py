@@ -39,6 +39,10 @@ def main() -> None:
     summary = {"architectures": len(rows), "fully_predicted": len(ok),
                "graph_built": sum(r["graph_built"] for r in rows),
                "tensors_skipped": sum(len(r.get("skipped") or {}) for r in rows),
+               "constant_buffers_copied": {r["name"]: r["copied_buffers"] for r in rows if r.get("copied_buffers")},
+               "nodes": sum(r.get("nodes", 0) for r in rows),
+               "other_op_nodes": sum(r.get("other_ops", 0) for r in rows),
+               "architectures_with_other_ops": sum(bool(r.get("other_ops")) for r in rows),
                "predict_s_total": round(sum(r.get("predict_s", 0) for r in rows), 1),
                "failed": {r["name"]: r["error"] for r in rows if not r["ok"]}}
     out = HERE / "results"
@@ -47,9 +51,15 @@ def main() -> None:
                                                   indent=1) + "\n")
     _plot(families, out / "coverage.png")
     lines = [f"{summary['fully_predicted']}/{summary['architectures']} architectures fully predicted "
-             f"({summary['graph_built']} graphs built, {summary['tensors_skipped']} tensors skipped); "
+             f"({summary['graph_built']} graphs built, {summary['tensors_skipped']} parameter tensors skipped); "
              f"sum of per-model predict times {summary['predict_s_total']} s, wall {setup['wall_s']} s with "
              f"{args.workers} workers on {setup['machine']['cpus']} CPUs, timm {setup['machine']['timm']}.", "",
+             f"Generic `other` ops: {summary['other_op_nodes']} of {summary['nodes']} graph nodes, in "
+             f"{summary['architectures_with_other_ops']} architectures.", "",
+             f"{len(summary['constant_buffers_copied'])} architectures also save constant integer buffers that timm "
+             "computes at construction (attention-bias index tables, not weights); they are copied from a "
+             "parameter-free build and listed as `copied_buffers`: "
+             + ", ".join(f"{n} ({len(b)})" for n, b in sorted(summary["constant_buffers_copied"].items())) + ".", "",
              "| family | architectures | fully predicted | not covered (reason) |", "|---|---|---|---|"]
     for family in sorted(families):
         group = families[family]

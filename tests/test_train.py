@@ -1,14 +1,23 @@
-"""Meta-training: samplers, a few real steps, checkpoints and exact resume."""
+"""Meta-training: samplers, a few real steps, checkpoints and exact resume, in one process and
+in two gloo processes started by ``accelerate launch``; the ImageFolder data path."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import yaml
+from PIL import Image
 
 import ghn_init
 from train_ghn.__main__ import main as train_main
+from train_ghn.data import ImageFolderBatches, data_root, load_image_folder
 from train_ghn.samplers import FAMILIES, ArchitectureSampler, build_architecture
 from train_ghn.trainer import TrainConfig, Trainer
 
@@ -38,6 +47,10 @@ def test_config_rejects_unknown_keys(tmp_path):
     path.write_text("max_step: 3\n")
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_yaml(path)
+    with pytest.raises(ValueError, match="shard"):
+        TrainConfig(shard="layers")
+    with pytest.raises(ValueError, match="data_dir"):
+        TrainConfig(dataset="imagenet")
 
 
 @pytest.mark.data
@@ -75,6 +88,107 @@ def test_stop_and_resume_is_bit_identical(tmp_path):
     ghn = ghn_init.load(str(straight / "final"))
     assert ghn.meta["training"]["steps"] == 8
     assert "Total: 8 meta-training steps" in (straight / "final" / "README.md").read_text()
+
+
+@pytest.mark.data
+def test_norm_penalty_shrinks_predicted_norms():
+    """GHN-3's penalty on the Frobenius norms of predicted tensors enters the loss and its gradient."""
+    first, last = {}, {}
+    for penalty in (0.0, 0.05):
+        config = TrainConfig.from_yaml(SMOKE)
+        config.mix, config.pool_size, config.meta_batch, config.warmup_steps = {"resnet": 1.0}, 1, 1, 1
+        config.norm_penalty, config.lr = penalty, 3e-3
+        trainer = Trainer(config, "unused", device="cpu")
+        first[penalty] = trainer.train_step()
+        for _ in range(3):
+            last[penalty] = trainer.train_step()["pred_norm"]
+    assert first[0.05]["loss"] == pytest.approx(first[0.0]["loss"] + 0.05 * first[0.0]["pred_norm"])
+    assert last[0.05] < 0.99 * last[0.0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_two_ranks(config: Path, out: Path, *extra: str) -> None:
+    """``accelerate launch`` with two gloo CPU processes, one thread each, as a user would run it."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()),
+               "-m", "train_ghn", "--config", str(config), "--out", str(out), "--device", "cpu", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GHN_INIT_DATA": str(data_root().resolve())}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _records(log: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in log.read_text().splitlines()]
+
+
+@pytest.mark.data
+def test_two_processes_train_deterministically_and_resume_exactly(tmp_path):
+    """Two gloo ranks (each runs both architectures on half the images): one log, one checkpoint,
+    the final GHN, and a stop + resume that matches an uninterrupted run bit for bit."""
+    settings = yaml.safe_load(Path(SMOKE).read_text())
+    settings.update(mix={"resnet": 0.5, "vit": 0.5}, pool_size=1, max_steps=3, train_images=64, norm_penalty=3e-5,
+                    checkpoint_every=2, eval_every=3, eval_images=32, prebuild_workers=1, shard="images")
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _launch_two_ranks(config, straight)
+    _launch_two_ranks(config, resumed, "--stop-after", "1")
+    assert json.loads((resumed / "checkpoint" / "state.json").read_text())["step"] == 1
+    _launch_two_ranks(config, resumed)
+    assert sorted(p.name for p in straight.iterdir()) == ["checkpoint", "final", "log.jsonl", "log.png"]
+    log = _records(straight / "log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3] and "val_acc" in log[-1]
+    assert _records(resumed / "log.jsonl") == log
+    a = safetensors.torch.load_file(straight / "final" / "model.safetensors")
+    b = safetensors.torch.load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = ghn_init.load(str(straight / "final")).meta
+    assert meta["training"]["steps"] == 3 and meta["training"]["stages"][0]["device"].startswith("2 x cpu")
+
+
+def _fake_image_folder(root: Path, classes: tuple[str, ...], per_class: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = rng.integers(24, 64, size=2)
+            pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) // (c + 1)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def test_image_folder_batches_and_training(tmp_path):
+    """The minimal ImageNet path: an ImageFolder tree, resumable batches, two training steps."""
+    classes = ("cat", "dog", "fish")
+    _fake_image_folder(tmp_path / "train", classes, per_class=4, seed=0)
+    _fake_image_folder(tmp_path / "val", classes, per_class=2, seed=1)
+    batches = ImageFolderBatches(tmp_path / "train", image_size=40, batch_size=5, seed=0)
+    x, y = batches.next()
+    assert x.shape == (5, 3, 40, 40) and x.dtype == torch.float32 and set(y.tolist()) <= {0, 1, 2}
+    state = batches.state_dict()
+    expected = [batches.next() for _ in range(3)]  # crosses an epoch boundary (12 images)
+    batches.load_state_dict(json.loads(json.dumps(state)))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, (batches.next()
+                                                                                             for _ in range(3))))
+    images, labels, names = load_image_folder(tmp_path / "val", image_size=40, count=3)
+    assert images.shape == (3, 3, 40, 40) and images.dtype == torch.uint8 and labels.tolist() == [0, 1, 2]
+    assert names == list(classes)
+
+    config = TrainConfig(dataset="imagenet", data_dir=str(tmp_path), image_size=40, mix={"resnet": 1.0},
+                         pool_size=1, batch_size=4, meta_batch=1, max_steps=2, warmup_steps=1, log_every=1,
+                         eval_every=2, eval_images=6, checkpoint_every=2, data_workers=2,
+                         ghn={"hidden": 16, "rounds": 1, "latent": 8, "block": 8, "block_1x1": 8, "vector": 8})
+    final = Trainer(config, tmp_path / "run", device="cpu").run()
+    ghn = ghn_init.load(str(final))
+    assert ghn.meta["data"]["dataset"] == "imagenet" and ghn.meta["data"]["num_classes"] == 3
+    assert ghn.meta["data"]["input_size"] == [3, 40, 40]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and 0 <= log[-1]["val_acc"] <= 1
 
 
 @pytest.mark.parametrize("path", sorted(Path("train_ghn/configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -4,24 +4,31 @@ Images are small, so the whole split lives on the device and batches are sliced 
 there: no loader workers, no host-device copies per step. The offline copy
 (``$GHN_INIT_DATA/cifar10/cifar10-jpeg75.npz``) is used when present; otherwise torchvision's
 official download serves users who are online.
+
+ImageNet-style data (an ImageFolder tree, one subfolder per class) is decoded batch by batch
+instead: :class:`ImageFolderBatches` and :func:`load_image_folder`.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 __all__ = [
-    "CIFAR10_MEAN", "CIFAR10_STD", "NUM_VALIDATION", "ImageBatches", "balanced_test_indices",
-    "data_root", "load_cifar10", "normalize",
+    "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_VALIDATION", "ImageBatches",
+    "ImageFolderBatches", "balanced_test_indices", "data_root", "load_cifar10", "load_image_folder", "normalize",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 #: The last 5,000 train images are validation; the test split is for reporting only.
 NUM_VALIDATION = 5000
 _NPZ = Path("cifar10") / "cifar10-jpeg75.npz"
@@ -120,12 +127,16 @@ class ImageBatches:
         self._order = torch.tensor(state["order"], dtype=torch.long)
         self._cursor = state["cursor"]
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_rows(self) -> torch.Tensor:
         if self._cursor + self.batch_size > len(self._order):
             self._order = torch.randperm(len(self.labels), generator=self.generator)
             self._cursor = 0
         rows = self._order[self._cursor:self._cursor + self.batch_size]
         self._cursor += self.batch_size
+        return rows
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._next_rows()
         device = self.images.device
         x, y = self.images[rows.to(device)], self.labels[rows.to(device)]
         if self.augment:
@@ -142,3 +153,90 @@ class ImageBatches:
         cols = torch.where(flip[:, None], cols.flip(1), cols)
         batch = torch.arange(n, device=x.device)[:, None, None]
         return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _image_folder(root: str | Path) -> tuple[list[str], torch.Tensor, list[str]]:
+    """Paths, labels and class names of an ImageFolder tree (torchvision's layout and file types)."""
+    from torchvision.datasets import ImageFolder
+
+    folder = ImageFolder(str(root))
+    return [path for path, _ in folder.samples], torch.tensor(folder.targets, dtype=torch.long), folder.classes
+
+
+def _crop_resize(path: str, box: tuple[float, ...] | None, size: int, flip: bool) -> np.ndarray:
+    """Decode ``path``, crop, resize to ``size`` x ``size``, flip.
+
+    ``box`` is (area fraction, log aspect ratio, x, y) of a random-resized crop; ``None`` is the
+    evaluation crop, the centred square of 87.5% of the shorter side.
+    """
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    w, h = image.size
+    if box is None:
+        cw = ch = max(1, round(0.875 * min(w, h)))
+        fx = fy = 0.5
+    else:
+        area, log_ratio, fx, fy = box
+        ratio = math.exp(log_ratio)
+        cw = min(w, max(1, round(math.sqrt(area * w * h * ratio))))
+        ch = min(h, max(1, round(math.sqrt(area * w * h / ratio))))
+    left, top = round(fx * (w - cw)), round(fy * (h - ch))
+    image = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(image)
+
+
+def _decode_many(paths: list[str], boxes: list[tuple[float, ...] | None], flips: list[bool], size: int,
+                 workers: int) -> torch.Tensor:
+    """(N, 3, size, size) uint8; PIL releases the GIL while decoding, so threads suffice."""
+    sizes = [size] * len(paths)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        arrays = list(pool.map(_crop_resize, paths, boxes, sizes, flips))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_image_folder(root: str | Path, image_size: int, count: int | None = None,
+                      workers: int = 8) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Centre crops (87.5% of the shorter side) of an ImageFolder tree: uint8 images, labels, class names.
+
+    ``count`` images are taken evenly spaced over the sorted file list, so every class is
+    represented (the first N files would all be of the first classes).
+    """
+    paths, labels, classes = _image_folder(root)
+    rows = np.arange(len(paths)) if count is None else np.linspace(0, len(paths) - 1, count).round().astype(int)
+    images = _decode_many([paths[i] for i in rows], [None] * len(rows), [False] * len(rows), image_size, workers)
+    return images, labels[torch.from_numpy(rows)], classes
+
+
+class ImageFolderBatches(ImageBatches):
+    """Shuffled epochs of random-resized-crop, flipped batches decoded from an ImageFolder tree.
+
+    Crop and flip draws come from the checkpointed CPU generator, so resumed runs see the same
+    batches; decoding runs in a thread pool on the host. A minimal path for ImageNet users with
+    GPUs: it has only been run on tiny folders, never at ImageNet scale.
+    """
+
+    def __init__(self, root: str | Path, image_size: int, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu", augment: bool = True, workers: int = 8,
+                 min_area: float = 0.25) -> None:
+        self.paths, labels, self.classes = _image_folder(root)
+        super().__init__(torch.empty(0, dtype=torch.uint8), labels, batch_size, seed, augment)
+        self.image_size, self.device, self.workers, self.min_area = image_size, torch.device(device), workers, min_area
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._next_rows()
+        n = len(rows)
+        if self.augment:
+            draws = torch.rand(n, 5, generator=self.generator, dtype=torch.float64)
+            area = self.min_area + (1 - self.min_area) * draws[:, 0]
+            log_ratio = math.log(3 / 4) + math.log(16 / 9) * draws[:, 1]
+            boxes = [tuple(b) for b in torch.stack([area, log_ratio, draws[:, 2], draws[:, 3]], 1).tolist()]
+            flips = (draws[:, 4] < 0.5).tolist()
+        else:
+            boxes, flips = [None] * n, [False] * n
+        x = _decode_many([self.paths[i] for i in rows.tolist()], boxes, flips, self.image_size, self.workers)
+        x = x.to(self.device, non_blocking=True)
+        return normalize(x, IMAGENET_MEAN, IMAGENET_STD), self.labels[rows].to(self.device)

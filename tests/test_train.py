@@ -106,6 +106,23 @@ def test_norm_penalty_shrinks_predicted_norms():
     assert last[0.05] < 0.99 * last[0.0]
 
 
+@pytest.mark.data
+def test_non_finite_step_is_skipped_and_counted(monkeypatch):
+    config = TrainConfig.from_yaml(SMOKE)
+    config.mix, config.pool_size, config.meta_batch = {"resnet": 1.0}, 1, 1
+    trainer = Trainer(config, "unused", device="cpu")
+    before = {k: v.clone() for k, v in trainer.ghn.state_dict().items()}
+    logits = trainer._logits
+    monkeypatch.setattr(trainer, "_logits", lambda *args: logits(*args) * float("nan"))
+    metrics = trainer.train_step()
+    assert trainer.skipped_steps == 1 and trainer.step == 1 and metrics["grad_norm"] != metrics["grad_norm"]
+    assert all(torch.equal(before[k], v) for k, v in trainer.ghn.state_dict().items())
+    monkeypatch.setattr(trainer, "_logits", logits)
+    trainer.train_step()
+    assert trainer.skipped_steps == 1
+    assert not all(torch.equal(before[k], v) for k, v in trainer.ghn.state_dict().items())
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -56,7 +56,7 @@ def main() -> None:
 def _markdown(result: dict, command: str, stem: str) -> str:
     setup, steps = result["setup"], result["setup"]["sgd_steps"]
     m = setup["machine"]
-    lines = [f"## GHN init against default init and SGD, CIFAR-10 ({setup['split']})", "",
+    lines = [f"## GHN init against default init and SGD, CIFAR-10, {setup['split']}", "",
              f"GHN `{setup['ghn']}` (sha256 {setup['ghn_sha256']}, {setup['ghn_training_steps']} steps); "
              f"BN recalibrated on {setup['calibrate_bn_images']} train images; SGD: batch "
              f"{setup['sgd']['batch_size']}, Nesterov, lr {setup['sgd']['lr']} one-cycle over the k steps, "

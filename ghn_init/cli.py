@@ -62,10 +62,11 @@ def _graph(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from train_ghn.evaluate import main as evaluate
 
-    argv = [*args.models, "--calibrate-bn", str(args.calibrate_bn)]
-    argv += ["--ghn", args.ghn] if args.ghn else []
+    argv = [*args.models, "--calibrate-bn", str(args.calibrate_bn), "--seed", str(args.seed)]
+    for flag in ("ghn", "split", "sgd_steps", "train_images", "out", "plot"):
+        value = getattr(args, flag)
+        argv += [f"--{flag.replace('_', '-')}", str(value)] if value is not None else []
     argv += ["--full"] if args.full else []
-    argv += ["--out", args.out] if args.out else []
     evaluate(argv)
 
 
@@ -125,11 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     coverage.set_defaults(run=_coverage)
 
     evaluate = sub.add_parser("eval", help="CIFAR-10 accuracy of predicted weights")
-    evaluate.add_argument("models", nargs="+", help="timm names or local-dir:DIR folders")
+    evaluate.add_argument("models", nargs="*", help="timm names or local-dir:DIR folders")
+    evaluate.add_argument("--split", choices=("ood", "id", "both"), help="add the OOD and/or ID protocol architectures")
+    evaluate.add_argument("--sgd-steps", help="comma-separated SGD budgets, e.g. 100,500,2500 (baselines)")
     evaluate.add_argument("--ghn")
     evaluate.add_argument("--calibrate-bn", type=int, default=500)
+    evaluate.add_argument("--train-images", type=int, help="SGD on only the first N train images")
+    evaluate.add_argument("--seed", type=int, default=0, help="default init, SGD batch order and flips")
     evaluate.add_argument("--full", action="store_true", help="all 10,000 test images")
     evaluate.add_argument("--out", help="JSON results")
+    evaluate.add_argument("--plot", help="PNG of accuracy against SGD steps")
     evaluate.set_defaults(run=_eval)
     return parser
 

@@ -72,8 +72,10 @@ def test_ood_architectures_build_at_32x32_on_meta():
 def test_cli_sgd_protocol_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "OOD_ARCHITECTURES", TINY)
     out, plot = tmp_path / "eval.json", tmp_path / "eval.png"
-    evaluate.main(["--split", "ood", "--sgd-steps", "3", "--train-images", "320", "--calibrate-bn", "64",
-                   "--out", str(out), "--plot", str(plot)])
+    from ghn_init.cli import main as ghn_init_cli
+
+    assert ghn_init_cli(["eval", "--split", "ood", "--sgd-steps", "3", "--train-images", "320", "--calibrate-bn",
+                         "64", "--out", str(out), "--plot", str(plot)]) == 0
     result = json.loads(out.read_text())
     assert result["setup"]["sgd_steps"] == [3]
     assert result["setup"]["sgd_train_images"] == 320

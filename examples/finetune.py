@@ -5,8 +5,9 @@
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         examples/finetune.py resnet18 --cpu --steps 500
 
-Recipe (DESIGN.md): SGD with nesterov momentum, one-cycle lr (peak 0.05), batch 64 per process,
-random horizontal flips, optional label smoothing; BatchNorm models are evaluated in eval mode.
+Recipe (DESIGN.md, ``train_ghn.sgd.SGDRecipe``): timm's SGD (Nesterov momentum 0.9, weight decay 5e-4
+except on biases and norms), one-cycle lr peaking at 0.05, batch 64 per process, random horizontal
+flips, optional label smoothing; BatchNorm models are evaluated in eval mode after training.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, gather_object, set_seed
+from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 import ghn_init
 from train_ghn.data import balanced_test_indices, load_cifar10, normalize
+from train_ghn.sgd import SGDRecipe
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -68,30 +71,32 @@ def _forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def finetune(model: nn.Module, train: Split, test: Split, accelerator: Accelerator, *, steps: int | None = None,
-             epochs: float | None = None, batch_size: int = 64, lr: float = 0.05, weight_decay: float = 5e-4,
-             label_smoothing: float = 0.0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+             epochs: float | None = None, recipe: SGDRecipe | None = None, label_smoothing: float = 0.0,
+             progress: bool = True) -> dict[str, Any]:
     """Train ``model`` with the SGD recipe, then test it; every rank starts from rank 0's weights.
 
     Returns the test accuracy, the loss curve (means over 25-step windows, main process) and the
     per-rank checksums of the initial weights.
     """
-    set_seed(seed)
+    recipe = recipe or SGDRecipe()
+    set_seed(recipe.seed)
     model.to(accelerator.device)
     predicted = state_checksum(model.state_dict())
     # DDP broadcasts at prepare(); FSDP, DeepSpeed or no wrapper do not, so make rank 0's state everyone's
     model.load_state_dict(broadcast(model.state_dict(), from_process=0))
     initial = state_checksum(model.state_dict())
-    order = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(TensorDataset(*train), batch_size=batch_size, shuffle=True, drop_last=True,
+    order = torch.Generator().manual_seed(recipe.seed)
+    train_loader = DataLoader(TensorDataset(*train), batch_size=recipe.batch_size, shuffle=True, drop_last=True,
                               generator=order)
     test_loader = DataLoader(TensorDataset(*test), batch_size=250)
     total = steps or max(1, round((epochs or 1) * len(train_loader) / accelerator.num_processes))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total)
+    optimizer = create_optimizer_v2(model, opt="sgd", lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                    momentum=recipe.momentum)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total)
     model, optimizer, train_loader, test_loader, schedule = accelerator.prepare(
         model, optimizer, train_loader, test_loader, schedule)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    flips = torch.Generator().manual_seed(seed + accelerator.process_index)
+    flips = torch.Generator().manual_seed(recipe.seed + accelerator.process_index)
     losses, started = [], time.perf_counter()
     model.train()
     bar = tqdm(range(total), disable=not (progress and accelerator.is_local_main_process), desc="fine-tune")
@@ -139,11 +144,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
     budget.add_argument("--epochs", type=float)
-    parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--lr", type=float, default=0.05, help="peak of the one-cycle schedule")
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=SGDRecipe.batch_size, help="per process")
+    parser.add_argument("--lr", type=float, default=SGDRecipe.lr, help="peak of the one-cycle schedule")
+    parser.add_argument("--weight-decay", type=float, default=SGDRecipe.weight_decay)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=SGDRecipe.seed)
     parser.add_argument("--train-images", type=int, help="use the first N train images (default: all 45,000)")
     parser.add_argument("--test-per-class", type=int, default=1000, help="1000: full test split; 200: balanced 2,000")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU (gloo between processes)")
@@ -156,9 +161,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with accelerator.main_process_first():  # rank 0 predicts and caches; the others read the cache
         model = build_model(args.model, args.init, args.ghn, **kwargs)
         train, test = load_data(args.train_images, args.test_per_class)
-    result = finetune(model, train, test, accelerator, steps=args.steps, epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      label_smoothing=args.label_smoothing, seed=args.seed)
+    recipe = SGDRecipe(batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+    result = finetune(model, train, test, accelerator, steps=args.steps, epochs=args.epochs, recipe=recipe,
+                      label_smoothing=args.label_smoothing)
     result.update(model=args.model, init=args.init, kwargs=kwargs, num_processes=accelerator.num_processes)
     if accelerator.is_main_process:
         print(f"{args.model} ({args.init} init): test accuracy {result['accuracy']:.2%} on "

@@ -56,9 +56,9 @@ def main() -> None:
              f"{args.workers} workers on {setup['machine']['cpus']} CPUs, timm {setup['machine']['timm']}.", "",
              f"Generic `other` ops: {summary['other_op_nodes']} of {summary['nodes']} graph nodes, in "
              f"{summary['architectures_with_other_ops']} architectures.", "",
-             f"{len(summary['constant_buffers_copied'])} architectures also save constant integer buffers that timm "
-             "computes at construction (attention-bias index tables, not weights); they are copied from a "
-             "parameter-free build and listed as `copied_buffers`: "
+             f"{len(summary['constant_buffers_copied'])} architectures also save constant buffers that timm sets at "
+             "construction (attention-bias index tables, activation clip bounds, input statistics; not weights); "
+             "they are copied from a parameter-free build and listed as `copied_buffers`: "
              + ", ".join(f"{n} ({len(b)})" for n, b in sorted(summary["constant_buffers_copied"].items())) + ".", "",
              "| family | architectures | fully predicted | not covered (reason) |", "|---|---|---|---|"]
     for family in sorted(families):

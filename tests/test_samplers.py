@@ -8,6 +8,7 @@ from torch import nn
 
 import ghn_init
 from train_ghn.samplers import FAMILIES, MAX_PARAMS, ArchitectureSampler, build_architecture
+from train_ghn.trainer import _materialize
 
 TIMM_FAMILIES = tuple(f for f in FAMILIES if f != "deepnets")
 CAPPED = ("efficientnet", "mobilenet", "regnet", "swin", "mixer")
@@ -21,19 +22,6 @@ def _meta(family: str, seed: int, split: str = "train") -> nn.Module:
 
 def _signature(family: str, seed: int, split: str = "train") -> str:
     return ghn_init.build_graph(_meta(family, seed, split), (3, 32, 32)).signature()
-
-
-def _materialize(model: nn.Module) -> nn.Module:
-    """What the trainer must do with a meta-built architecture: empty storage, then every buffer refilled."""
-    model.to_empty(device="cpu")
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
-            module.reset_running_stats()
-        elif hasattr(module, "init_non_persistent_buffers"):
-            module.init_non_persistent_buffers()
-        elif any(True for _ in module.buffers(recurse=False)):
-            raise AssertionError(f"{name} has buffers nobody initializes")
-    return model
 
 
 @pytest.mark.parametrize("family", TIMM_FAMILIES)
@@ -73,7 +61,7 @@ def test_meta_build_materializes_to_the_same_function(family):
     """Only norm statistics and timm's recomputable constants (Swin) are buffers; refilled, they match a real build."""
     torch.manual_seed(0)
     real = build_architecture(family, 2).eval()
-    meta = _materialize(_meta(family, 2)).eval()
+    meta = _materialize(_meta(family, 2), torch.device("cpu")).eval()
     meta.load_state_dict(real.state_dict())
     for (name, a), b in zip(real.named_buffers(), meta.buffers()):
         assert torch.equal(a, b), name

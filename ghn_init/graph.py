@@ -194,8 +194,9 @@ class ArchGraph:
     def param_names(self) -> list[str]:
         return [name for node in self.nodes for name, _, _ in node.params]
 
-    def virtual_edges(self, cutoff: int = 50) -> list[tuple[int, int, int]]:
-        """``(src, dst, distance)`` for every pair joined by a shortest forward path of 2..cutoff ops.
+    def virtual_edges(self, cutoff: int = 50) -> torch.Tensor:
+        """``(V, 3)`` rows of (src, dst, distance) for every pair joined by a shortest forward path
+        of 2..cutoff ops, ordered by (src, dst).
 
         GHN-2's virtual edges: they let one round of message passing reach distant layers.
         """
@@ -229,25 +230,23 @@ class ArchGraph:
         return counts
 
 
-def _shortest_paths(n: int, edges: list[tuple[int, int]], cutoff: int) -> list[tuple[int, int, int]]:
-    """Breadth-first search from every node at once, one matrix step per hop (row = source)."""
-    if not edges:
-        return []
-    src, dst = torch.tensor(edges, dtype=torch.long).T
-    distance = torch.zeros(n, n, dtype=torch.int32)
-    reached = torch.eye(n, dtype=torch.bool)
-    frontier = torch.eye(n)
-    for hop in range(1, cutoff + 1):
-        step = torch.zeros(n, n).index_add_(1, dst, frontier[:, src])
-        new = (step > 0) & ~reached
-        if not new.any():
-            break
-        distance[new] = hop
-        reached |= new
-        frontier = new.float()
-    pairs = torch.nonzero(distance >= 2)
-    hops = distance[pairs[:, 0], pairs[:, 1]]
-    return list(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist(), hops.tolist()))
+def _shortest_paths(n: int, edges: list[tuple[int, int]], cutoff: int) -> torch.Tensor:
+    """All-pairs forward distances by one sweep over the topological order: a node's distances
+    are one more than the nearest of its producers'. O(edges x nodes), no per-hop matrices."""
+    producers: list[list[int]] = [[] for _ in range(n)]
+    for src, dst in edges:
+        if not 0 <= src < dst < n:
+            raise ValueError(f"edge ({src}, {dst}) breaks the topological order of {n} nodes (src < dst)")
+        producers[dst].append(src)
+    unreachable = cutoff + 1
+    to_node = torch.full((n, n), unreachable, dtype=torch.int32)  # row dst, column src
+    to_node.fill_diagonal_(0)
+    for dst, srcs in enumerate(producers):
+        if srcs:
+            torch.minimum(to_node[dst], to_node[srcs].amin(0) + 1, out=to_node[dst])
+    distance = to_node.T
+    pairs = torch.nonzero((distance >= 2) & (distance < unreachable))
+    return torch.cat([pairs, distance[pairs[:, 0], pairs[:, 1]].long().unsqueeze(1)], dim=1)
 
 
 def _autograd_key(fn: Any) -> str:

@@ -3,8 +3,7 @@
 For each architecture in ``ARCHITECTURES`` (built for 32x32 inputs and 10 classes with the kwargs of
 ``train_ghn.evaluate.OOD_ARCHITECTURES``): SGD with the recipe of examples/finetune.py (whose
 ``finetune`` this reuses) for a fixed number of steps from each init, then test accuracy in eval
-mode. ``ghn-untied`` is the GHN init passed through ``ghn_init.init_safety.break_tiling_symmetry``.
-Writes benchmarks/results/finetune.{json,png} and prints a markdown table (``--results-md`` also
+mode. Writes benchmarks/results/finetune.{json,png} and prints a markdown table (``--results-md`` also
 puts it into RESULTS.md). Running a subset of ``--inits`` keeps the other inits' results from an
 earlier JSON made with the same setup.
 """
@@ -23,14 +22,13 @@ from _report import HERE, machine, update_results
 from accelerate import Accelerator
 
 import ghn_init
-from ghn_init.init_safety import break_tiling_symmetry
 from train_ghn.evaluate import OOD_ARCHITECTURES
 from train_ghn.sgd import SGDRecipe
 
 #: The protocol's out-of-distribution architectures but resnet50 (for time); kwargs from OOD_ARCHITECTURES.
 ARCHITECTURES = ("resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0", "mobilenetv3_small_100",
                  "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mixer_s16_224")
-INITS = ("ghn", "default", "ghn-untied")
+INITS = ("ghn", "default")
 
 
 def _example() -> Any:
@@ -40,21 +38,19 @@ def _example() -> Any:
     return module
 
 
-def _build(example: Any, name: str, init: str, ghn_ref: str | None, kwargs: dict[str, Any]) -> torch.nn.Module:
-    if init != "ghn-untied":
-        return example.build_model(name, init, ghn_ref, **kwargs)
-    model = example.build_model(name, "ghn", ghn_ref, **kwargs)
-    model.load_state_dict(break_tiling_symmetry(model.state_dict()))
-    return model
-
-
 def _earlier_rows(path: Path, setup: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Rows of an earlier run with the same GHN, recipe and split (other inits are kept from it)."""
+    """Results of an earlier run with the same recipe, split and machine that this run can keep:
+    the default init's always (it does not involve the GHN), the GHN init's if the GHN is the same."""
     if not path.is_file():
         return {}
     earlier = json.loads(path.read_text())
-    same = all(earlier["setup"].get(k) == setup[k] for k in ("ghn_sha256", "recipe", "split"))
-    return earlier["architectures"] if same else {}
+    if any(earlier["setup"].get(k) != setup[k] for k in ("recipe", "split")):
+        return {}
+    if earlier["setup"]["machine"]["torch_threads"] != setup["machine"]["torch_threads"]:
+        return {}
+    same_ghn = earlier["setup"].get("ghn_sha256") == setup["ghn_sha256"]
+    return {name: {k: v for k, v in row.items() if same_ghn or k != "ghn"}
+            for name, row in earlier["architectures"].items()}
 
 
 def main() -> None:
@@ -92,7 +88,7 @@ def main() -> None:
         rows[name] = row = {"kwargs": kwargs, **{i: earlier[name][i] for i in inits if i not in args.inits}}
         for init in args.inits:
             torch.manual_seed(args.seed)
-            model = _build(example, name, init, args.ghn, kwargs)
+            model = example.build_model(name, init, args.ghn, **kwargs)
             row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
             started = time.perf_counter()
             result = example.finetune(model, train, test, accelerator, steps=args.steps, recipe=recipe,

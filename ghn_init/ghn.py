@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,6 +39,16 @@ class GHNConfig:
     block: int = 64             # (block x block) tile for spatial kernels
     block_1x1: int = 128        # (block_1x1 x block_1x1) tile for linear and 1x1 layers
     vector: int = 128           # tile length for 1-D tensors (biases, norms)
+    #: Gain on the last layer of each residual branch that nothing after it rescales (see
+    #: ``ArchGraph.residual_branch_ends``). Repeated blocks get near-identical predictions, so at
+    #: gain 1 every block adds the same direction and the residual stream grows linearly with
+    #: depth; a small gain starts such branches small, as Fixup, SkipInit and timm's
+    #: ``zero_init_last`` do.
+    residual_branch_gain: float = 0.1
+    #: Noise, relative to a tensor's RMS, added to predicted weights that hold tiled copies: two
+    #: identical units get identical gradients forever, so without it SGD can never use a layer's
+    #: width beyond the tile. Deterministic per tensor name; 0 turns it off.
+    untie_noise: float = 1.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GHNConfig:
@@ -190,6 +201,31 @@ def _tile_into(block: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return out
 
 
+#: Periods of the untying noise: primes, so no tile copy of a 64- or 128-wide block lines up with
+#: the noise pattern below 16,637 output units (or 17,161 input units).
+_NOISE_PERIOD = (127, 131)
+
+
+def _untie_(tensor: torch.Tensor, block: torch.Tensor, name: str, sigma: float) -> None:
+    """Add ``sigma`` x RMS Gaussian noise in place to a tiled weight (in tile shape) holding copies.
+
+    The noise is a small seeded block repeated with prime periods, added by broadcasting (one
+    pass, no temporaries) and the same in every process; every copy of ``block`` gets its own.
+    """
+    shape = tensor.shape
+    if tensor.dim() < 2 or (shape[0] <= block.shape[0] and shape[1] <= block.shape[1]):
+        return
+    p, q = min(shape[0], _NOISE_PERIOD[0]), min(shape[1], _NOISE_PERIOD[1])
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    rms = block[: shape[0], : shape[1]].float().pow(2).mean().sqrt()
+    noise = (torch.randn((p, q, *shape[2:]), generator=generator) * (sigma * rms)).to(tensor.dtype)
+    rows, cols = (shape[0] // p) * p, (shape[1] // q) * q
+    tensor[:rows, :cols].unflatten(1, (-1, q)).unflatten(0, (-1, p)).add_(noise.unsqueeze(1).unsqueeze(0))
+    tensor[:rows, cols:].unflatten(0, (-1, p)).add_(noise[:, : shape[1] - cols])
+    tensor[rows:, :cols].unflatten(1, (-1, q)).add_(noise[: shape[0] - rows].unsqueeze(1))
+    tensor[rows:, cols:].add_(noise[: shape[0] - rows, : shape[1] - cols])
+
+
 def _normalize(raw: torch.Tensor, role: str, fan_in: torch.Tensor) -> torch.Tensor:
     """Op-dependent output scaling: fan-in scaled weights, bounded biases and norm affines.
 
@@ -222,6 +258,7 @@ class _Target:
     row: int                          # node row in the batched node states
     view: tuple[int, int, int, int]   # the shape as (out, in, kh, kw)
     kind: str                         # "vector", "dense" or "kernel"
+    gain: float = 1.0                 # residual_branch_gain on residual branch ends
 
     @property
     def tile_shape(self) -> tuple[int, ...]:
@@ -230,10 +267,12 @@ class _Target:
         return self.view[:2] if self.kind == "dense" else self.view
 
 
-def _targets(graphs: Sequence[ArchGraph], encoded: Sequence[_Encoded], offsets: Sequence[int]) -> list[_Target]:
+def _targets(graphs: Sequence[ArchGraph], encoded: Sequence[_Encoded], offsets: Sequence[int],
+             branch_gain: float) -> list[_Target]:
     targets = []
     for gi, (enc, off) in enumerate(zip(encoded, offsets)):
         nodes = graphs[gi].nodes
+        ends = set(graphs[gi].residual_branch_ends()) if branch_gain != 1.0 else set()
         for node, name, shape, role in enc.params:
             view = _as_4d(shape, spatial=nodes[node].op.endswith("conv"))
             if len(shape) <= 1 or role in ("bias", "norm_weight", "norm_bias", "scale"):
@@ -242,7 +281,8 @@ def _targets(graphs: Sequence[ArchGraph], encoded: Sequence[_Encoded], offsets: 
                 kind = "dense"
             else:
                 kind = "kernel"
-            targets.append(_Target(gi, name, shape, role, off + node, view, kind))
+            gain = branch_gain if node in ends else 1.0
+            targets.append(_Target(gi, name, shape, role, off + node, view, kind, gain))
     return targets
 
 
@@ -304,7 +344,7 @@ class GHN(nn.Module):
         tensors one at a time.
         """
         h, encoded, offsets = self.node_states(graphs)
-        targets = _targets(graphs, encoded, offsets)
+        targets = _targets(graphs, encoded, offsets, self.config.residual_branch_gain)
         if not targets:
             return [], []
         device = h.device
@@ -313,6 +353,7 @@ class GHN(nn.Module):
         roles = torch.tensor([ROLES.index(t.role) for t in targets], device=device)
         dims = torch.tensor([[_log_dim(d) for d in t.view] for t in targets], device=device)
         fan_in = torch.tensor([float(t.view[1] * t.view[2] * t.view[3]) for t in targets], device=device)
+        gains = torch.tensor([t.gain for t in targets], device=device)
         z = self.param_norm(h[rows] + self.role_embed(roles) + self.param_shape_embed(dims))
 
         groups: dict[tuple[Any, ...], list[int]] = {}
@@ -333,7 +374,8 @@ class GHN(nn.Module):
                 top, left = (s - kh) // 2, (s - kw) // 2
                 lat = lat[:, :, top:top + kh, left:left + kw].permute(0, 2, 3, 1)
                 raw = self.kernel_block(lat).view(-1, kh, kw, cfg.block, cfg.block).permute(0, 3, 4, 1, 2)
-            for i, block in zip(idx, _normalize(raw, role, fan_in[sel])):
+            scaled = _normalize(raw, role, fan_in[sel]) * gains[sel].view(-1, *[1] * (raw.dim() - 1))
+            for i, block in zip(idx, scaled):
                 blocks[i] = block
         return targets, blocks
 
@@ -421,7 +463,10 @@ class GHN(nn.Module):
                     tensor = shared[source]
                 else:
                     target, block = decoded[source]
-                    tensor = _tile_into(block.to(ref.dtype), target.tile_shape).view(target.shape)
+                    tensor = _tile_into(block.to(ref.dtype), target.tile_shape)
+                    if self.config.untie_noise and target.kind != "vector":
+                        _untie_(tensor, block, source, self.config.untie_noise)
+                    tensor = tensor.view(target.shape)
                     if source in tied:
                         shared[source] = tensor
                 yield name, tensor, None

@@ -205,6 +205,31 @@ class ArchGraph:
             self.cache[key] = _shortest_paths(len(self.nodes), self.edges, cutoff)
         return self.cache[key]
 
+    def residual_branch_ends(self) -> list[int]:
+        """Weight ops (linear, conv) whose output goes straight into a residual sum, beside a
+        producer of their own input: the last layer of a residual branch with no normalization or
+        layer scale after it, so nothing but its weights sets how much the branch adds.
+        """
+        key = "residual_branch_ends"
+        if key not in self.cache:
+            producers: list[list[int]] = [[] for _ in self.nodes]
+            for src, dst in self.edges:
+                producers[dst].append(src)
+            ancestors = [0] * len(self.nodes)  # bitsets, built along the topological order
+            for node, srcs in enumerate(producers):
+                for src in srcs:
+                    ancestors[node] |= ancestors[src] | (1 << src)
+            ends = set()
+            for node, srcs in enumerate(producers):
+                if self.nodes[node].op != "sum":
+                    continue
+                for end in srcs:
+                    if self.nodes[end].op in _WEIGHT_OPS and self.nodes[end].params and any(
+                            other != end and ancestors[end] >> other & 1 for other in srcs):
+                        ends.add(end)
+            self.cache[key] = sorted(ends)
+        return self.cache[key]
+
     def signature(self) -> str:
         """A content hash of the graph: equal signatures mean the GHN predicts equal tensors."""
         payload = json.dumps(self.to_dict(), sort_keys=True).encode()
@@ -286,7 +311,8 @@ def _default_input_size(model: nn.Module) -> tuple[int, ...]:
     """timm's ``pretrained_cfg['input_size']``, with the size a patch embedding was built for."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = tuple(cfg.get("input_size") or (3, 224, 224)) if isinstance(cfg, dict) else (3, 224, 224)
-    built_for = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    embed = next((m for m in model.modules() if hasattr(m, "patch_size") and hasattr(m, "img_size")), None)
+    built_for = getattr(embed, "img_size", None)
     if isinstance(built_for, (tuple, list)) and len(built_for) == 2 and all(built_for):
         size = (size[0], *built_for)
     return size

@@ -1,4 +1,4 @@
-"""examples/finetune.py: every rank starts from exactly ``ghn.predict``'s weights, launched or not; init_safety."""
+"""examples/finetune.py: every rank starts from exactly ``ghn.predict``'s weights, launched or not."""
 
 import importlib.util
 import json
@@ -64,15 +64,3 @@ def test_plain_python_run(tmp_path, predicted_checksum):
     result = _run([sys.executable], tmp_path)
     assert result["num_processes"] == 1 and result["initial_sha256"] == [predicted_checksum]
     assert result["test_images"] == 50 and len(result["loss_curve"]) == 1
-
-
-def test_break_tiling_symmetry_unties_copies_deterministically(default_ghn):
-    from ghn_init.init_safety import break_tiling_symmetry, has_tiled_copies
-
-    state = default_ghn.predict(timm.create_model("resnet18", num_classes=10, device="meta"))
-    assert has_tiled_copies(state["layer4.0.conv1.weight"]), "a 512-wide conv is tiled from a 64-wide block"
-    untied = break_tiling_symmetry(state)
-    assert not any(has_tiled_copies(t) for t in untied.values())
-    assert _equal(untied, break_tiling_symmetry(state)), "same noise on every call (and every rank)"
-    assert untied["bn1.weight"] is state["bn1.weight"] and untied.keys() == state.keys()
-    assert all(untied[k].dtype == v.dtype and untied[k].shape == v.shape for k, v in state.items())

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ghn_init import GraphBuildError, build_graph
 
@@ -31,6 +32,36 @@ def test_residual_sum_nodes_edges_and_params():
     assert bn.params == [("bn.weight", (3,), "norm_weight"), ("bn.bias", (3,), "norm_bias")]
     assert g.virtual_edges(cutoff=3).tolist() == [[0, 2, 2], [0, 3, 3], [1, 3, 2], [1, 4, 3], [2, 4, 2]]
     assert g.virtual_edges(cutoff=2).tolist() == [[0, 2, 2], [1, 3, 2], [2, 4, 2]]
+
+
+class PreNormBlocks(nn.Module):
+    """Two transformer-style MLP blocks (x + fc2(gelu(fc1(norm(x))))), a BN-ended conv residual
+    and two parallel convs summed (a sum, but no residual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.left, self.right = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.norms = nn.ModuleList(nn.LayerNorm(8) for _ in range(2))
+        self.fc1 = nn.ModuleList(nn.Linear(8, 16) for _ in range(2))
+        self.fc2 = nn.ModuleList(nn.Linear(16, 8) for _ in range(2))
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = x + self.bn(self.left(x))
+        x = self.left(x) + self.right(x)
+        x = x.flatten(2).transpose(1, 2)
+        for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2):
+            x = x + fc2(F.gelu(fc1(norm(x))))
+        return x
+
+
+def test_residual_branch_ends_are_unscaled_last_layers_of_residual_branches():
+    g = build_graph(PreNormBlocks(), (3, 4, 4))
+    ends = [g.nodes[i].params[0][0].rsplit(".", 1)[0] for i in g.residual_branch_ends()]
+    assert ends == ["fc2.0", "fc2.1"], "BN-ended branches and sums of parallel convs are not ends"
+    assert all(g.nodes[i].op == "linear" for i in g.residual_branch_ends())
 
 
 class Concat(nn.Module):

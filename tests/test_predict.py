@@ -1,5 +1,6 @@
 """ghn.predict / apply_ on real timm models with the embedded default GHN."""
 
+import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -155,3 +156,42 @@ def test_save_and_load_roundtrip_is_strict(tmp_path, default_ghn):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ValueError, match="missing tensors"):
         ghn_init.load(str(folder))
+
+
+def _has_tiled_copies(tensor: torch.Tensor) -> bool:
+    """Two equal output rows or two equal input columns."""
+    rows = tensor.reshape(tensor.shape[0], -1)
+    cols = tensor.transpose(0, 1).reshape(tensor.shape[1], -1)
+    return len(torch.unique(rows, dim=0)) < len(rows) or len(torch.unique(cols, dim=0)) < len(cols)
+
+
+def _with_config(ghn: GHN, **changes) -> GHN:
+    other = GHN(dataclasses.replace(ghn.config, **changes))
+    other.load_state_dict(ghn.state_dict())
+    return other
+
+
+def test_untie_noise_leaves_no_tiled_copies(default_ghn):
+    model = timm.create_model("resnet18", num_classes=10, device="meta")
+    tied = _with_config(default_ghn, untie_noise=0.0).predict(model)
+    untied = default_ghn.predict(model)
+    assert _has_tiled_copies(tied["layer4.0.conv1.weight"]), "a 512-wide conv is tiled from a 64-wide block"
+    weights = [k for k, v in untied.items() if v.dim() >= 2]
+    assert not any(_has_tiled_copies(untied[k]) for k in weights)
+    assert torch.equal(untied["conv1.weight"], tied["conv1.weight"]), "a 64-wide tensor has no copies to untie"
+    assert all(torch.equal(untied[k], tied[k]) for k, v in untied.items() if v.dim() < 2)
+    noise = untied["layer4.0.conv1.weight"] - tied["layer4.0.conv1.weight"]
+    ratio = float(noise.pow(2).mean().sqrt() / tied["layer4.0.conv1.weight"].pow(2).mean().sqrt())
+    assert 0.8 < ratio / default_ghn.config.untie_noise < 1.2
+
+
+def test_residual_branch_gain_scales_only_branch_ends(default_ghn):
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, device="meta")
+    plain = _with_config(default_ghn, residual_branch_gain=1.0, untie_noise=0.0).predict(model)
+    gain = 0.25
+    scaled = _with_config(default_ghn, residual_branch_gain=gain, untie_noise=0.0).predict(model)
+    ends = {k for k in plain if k.endswith(("attn.proj.weight", "attn.proj.bias", "fc2.weight", "fc2.bias"))}
+    assert len(ends) == 4 * 12
+    for name in plain:
+        expected = plain[name] * gain if name in ends else plain[name]
+        assert torch.allclose(scaled[name], expected, rtol=1e-6, atol=0), name

@@ -20,6 +20,19 @@ def machine() -> dict[str, str | int]:
             "timm": timm.__version__}
 
 
+def ghn_setup(ghn) -> dict[str, object]:
+    """Which GHN predicted, and the config fields that shape its tensors beyond its weights."""
+    import ghn_init
+
+    return {"ghn": ghn.meta.get("name"), "ghn_sha256": ghn_init.content_hash(ghn)[:16],
+            "untie_noise": ghn.config.untie_noise, "residual_branch_gain": ghn.config.residual_branch_gain}
+
+
+def describe_ghn(setup: dict) -> str:
+    return (f"GHN `{setup['ghn']}` (sha256 {setup['ghn_sha256']}; untie noise {setup['untie_noise']}, "
+            f"residual branch gain {setup['residual_branch_gain']})")
+
+
 def update_results(section: str, markdown: str) -> None:
     """Replace (or append) the block between ``<!-- section -->`` markers in RESULTS.md."""
     start, end = f"<!-- {section} -->", f"<!-- /{section} -->"

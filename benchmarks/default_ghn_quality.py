@@ -16,7 +16,7 @@ from pathlib import Path
 
 import timm
 import torch
-from _report import HERE, machine, update_results
+from _report import HERE, describe_ghn, ghn_setup, machine, update_results
 
 import ghn_init
 from ghn_init.export import save_predicted
@@ -31,8 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     ghn = ghn_init.load(args.ghn)
-    setup = {"ghn": ghn.meta.get("name"), "ghn_sha256": ghn_init.content_hash(ghn)[:16],
-             "ghn_training_steps": ghn.meta.get("training", {}).get("steps"),
+    setup = {**ghn_setup(ghn), "ghn_training_steps": ghn.meta.get("training", {}).get("steps"),
              "split": "test (10,000)" if args.full else "balanced test (first 200 per class, 2,000)",
              "calibrate_bn_images": args.calibrate_bn, "machine": machine()}
     print(json.dumps(setup, indent=2))
@@ -58,7 +57,7 @@ def main() -> None:
     stem = "default_ghn_quality" + ("_full" if args.full else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     _plot(rows, out / f"{stem}.png", setup)
-    lines = [f"GHN `{setup['ghn']}` (sha256 {setup['ghn_sha256']}, {setup['ghn_training_steps']} steps), "
+    lines = [f"{describe_ghn(setup)}, {setup['ghn_training_steps']} training steps; "
              f"{setup['split']}, BN recalibrated on {args.calibrate_bn} train images; "
              f"{setup['machine']['processor']}, torch {setup['machine']['torch']}, timm {setup['machine']['timm']}.",
              "", "| architecture | kwargs | GHN, BN recalibrated | GHN, batch stats | default init, BN recalibrated |",

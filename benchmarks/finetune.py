@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _report import HERE, machine, update_results
+from _report import HERE, describe_ghn, ghn_setup, machine, update_results
 from accelerate import Accelerator
 
 import ghn_init
@@ -71,8 +71,7 @@ def main() -> None:
     recipe = SGDRecipe(seed=args.seed)
     test_split = ("test (10,000)" if args.test_per_class >= 1000 else
                   f"balanced test (first {args.test_per_class} per class, {10 * args.test_per_class:,})")
-    setup = {"ghn": ghn.meta.get("name"), "ghn_sha256": ghn_init.content_hash(ghn)[:16],
-             "recipe": {**recipe.to_dict(), "steps": args.steps, "label_smoothing": 0.0,
+    setup = {**ghn_setup(ghn), "recipe": {**recipe.to_dict(), "steps": args.steps, "label_smoothing": 0.0,
                         "train_images": "first 45,000 of the train split", "batches": "DataLoader, seeded shuffle"},
              "split": test_split, "machine": machine()}
     out = HERE / "results"
@@ -108,7 +107,7 @@ def main() -> None:
 
 def _table(rows: dict, inits: list[str], means: dict, setup: dict, stem: str) -> str:
     recipe = setup["recipe"]
-    lines = [f"GHN `{setup['ghn']}` (sha256 {setup['ghn_sha256']}); {recipe['steps']} steps of {recipe['optimizer']}, "
+    lines = [f"{describe_ghn(setup)}; {recipe['steps']} steps of {recipe['optimizer']}, "
              f"momentum {recipe['momentum']}, weight decay {recipe['weight_decay']}, one-cycle lr peaking at "
              f"{recipe['lr']}, batch {recipe['batch_size']}, flips, seed {recipe['seed']}, the same batches for every "
              f"init; {setup['split']}, eval mode; "

@@ -5,7 +5,7 @@ from .graph import OP_TYPES, ArchGraph, GraphBuildError, build_graph
 from .hub import GHNNotFoundError, content_hash, load
 from .pretrained import create_model, pretrained_cfg
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "GHN", "GHNConfig", "GHNNotFoundError", "OP_TYPES", "ArchGraph", "GraphBuildError", "PredictionReport",

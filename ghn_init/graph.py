@@ -311,7 +311,7 @@ def _default_input_size(model: nn.Module) -> tuple[int, ...]:
     """timm's ``pretrained_cfg['input_size']``, with the size a patch embedding was built for."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = tuple(cfg.get("input_size") or (3, 224, 224)) if isinstance(cfg, dict) else (3, 224, 224)
-    embed = next((m for m in model.modules() if hasattr(m, "patch_size") and hasattr(m, "img_size")), None)
+    embed = getattr(model, "patch_embed", None) or getattr(model, "stem", None)  # ViTs / MLP-Mixers
     built_for = getattr(embed, "img_size", None)
     if isinstance(built_for, (tuple, list)) and len(built_for) == 2 and all(built_for):
         size = (size[0], *built_for)

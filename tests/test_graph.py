@@ -163,3 +163,15 @@ def test_unused_parameters_are_reported_as_nodes():
 def test_forward_failure_names_model_and_size():
     with pytest.raises(GraphBuildError, match=r"Residual failed for input size 5x8x8"):
         build_graph(Residual(), (5, 8, 8))
+
+
+@pytest.mark.parametrize("name, kwargs, size", [
+    ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4}, (3, 32, 32)),  # patch_embed
+    ("mixer_s16_224", {"img_size": 32}, (3, 32, 32)),                          # stem
+    ("visformer_tiny", {}, (3, 224, 224)),                                     # inner patch embeds do not count
+])
+def test_default_input_size_is_what_the_input_embedding_was_built_for(name, kwargs, size):
+    import timm
+
+    g = build_graph(timm.create_model(name, num_classes=10, device="meta", **kwargs))
+    assert g.input_size == size

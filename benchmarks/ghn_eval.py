@@ -13,7 +13,7 @@ import json
 import logging
 
 import torch
-from _report import HERE, machine, update_results
+from _report import HERE, describe_ghn, machine, update_results
 
 from train_ghn.evaluate import (
     SGD_STEPS,
@@ -57,7 +57,7 @@ def _markdown(result: dict, command: str, stem: str) -> str:
     setup, steps = result["setup"], result["setup"]["sgd_steps"]
     m = setup["machine"]
     lines = [f"## GHN init against default init and SGD, CIFAR-10, {setup['split']}", "",
-             f"GHN `{setup['ghn']}` (sha256 {setup['ghn_sha256']}, {setup['ghn_training_steps']} steps); "
+             f"{describe_ghn(setup)}, {setup['ghn_training_steps']} training steps; "
              f"BN recalibrated on {setup['calibrate_bn_images']} train images; SGD: batch "
              f"{setup['sgd']['batch_size']}, Nesterov, lr {setup['sgd']['lr']} one-cycle over the k steps, "
              f"weight decay {setup['sgd']['weight_decay']}, flips, seed {setup['sgd']['seed']}, "

@@ -47,7 +47,9 @@ class GHNConfig:
     residual_branch_gain: float = 0.1
     #: Noise, relative to a tensor's RMS, added to predicted weights that hold tiled copies: two
     #: identical units get identical gradients forever, so without it SGD can never use a layer's
-    #: width beyond the tile. Deterministic per tensor name; 0 turns it off.
+    #: width beyond the tile. Deterministic per tensor name; 0 turns it off. Applied when tensors
+    #: are made for a model (``predict``, ``predict_tensors``, ``apply_``), not in the
+    #: differentiable ``forward`` that meta-training uses.
     untie_noise: float = 1.0
 
     @classmethod

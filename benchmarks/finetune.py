@@ -5,7 +5,8 @@ For each architecture in ``ARCHITECTURES`` (built for 32x32 inputs and 10 classe
 ``finetune`` this reuses) for a fixed number of steps from each init, then test accuracy in eval
 mode. Writes benchmarks/results/finetune.{json,png} and prints a markdown table (``--results-md`` also
 puts it into RESULTS.md). Running a subset of ``--inits`` keeps the other inits' results from an
-earlier JSON made with the same setup.
+earlier JSON with the same recipe, split and thread count: the default init's from any GHN, the
+GHN init's only from the same GHN (content hash, prediction settings included).
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ def main() -> None:
     recipe = SGDRecipe(seed=args.seed)
     test_split = ("test (10,000)" if args.test_per_class >= 1000 else
                   f"balanced test (first {args.test_per_class} per class, {10 * args.test_per_class:,})")
-    setup = {**ghn_setup(ghn), "recipe": {**recipe.to_dict(), "steps": args.steps, "label_smoothing": 0.0,
-                        "train_images": "first 45,000 of the train split", "batches": "DataLoader, seeded shuffle"},
-             "split": test_split, "machine": machine()}
+    recipe_setup = {**recipe.to_dict(), "steps": args.steps, "label_smoothing": 0.0,
+                    "train_images": "first 45,000 of the train split", "batches": "DataLoader, seeded shuffle"}
+    setup = {**ghn_setup(ghn), "recipe": recipe_setup, "split": test_split, "machine": machine()}
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     earlier = _earlier_rows(out / f"{args.out}.json", setup)

@@ -43,7 +43,9 @@ class GHNConfig:
     #: ``ArchGraph.residual_branch_ends``). Repeated blocks get near-identical predictions, so at
     #: gain 1 every block adds the same direction and the residual stream grows linearly with
     #: depth; a small gain starts such branches small, as Fixup, SkipInit and timm's
-    #: ``zero_init_last`` do.
+    #: ``zero_init_last`` do. Not applied where the output is read from a learned class token
+    #: (``ArchGraph.reads_learned_token``): there the branches are the only path from the image to
+    #: the classifier, and shrinking them makes the output nearly input-independent.
     residual_branch_gain: float = 0.1
     #: Noise, relative to a tensor's RMS, added to predicted weights that hold tiled copies: two
     #: identical units get identical gradients forever, so without it SGD can never use a layer's
@@ -177,6 +179,22 @@ def _message_operator(encoded: Sequence[_Encoded], offsets: Sequence[int], total
         return coo.to_sparse_csr().to(device)
 
 
+def _kernel_latent(latent: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """The ``(kh, kw)`` positions of a square kernel latent: centre-cropped for kernels up to its size,
+    resampled (bilinear) for larger ones, so a 16x16 patch embedding gets a smooth filter at the scale
+    of the latent's pattern instead of a 7-periodic tiling of it (as FlexiViT resizes patch embeddings).
+    """
+    s = latent.shape[-1]
+    if kh > s or kw > s:
+        latent = nn.functional.interpolate(latent, size=(max(kh, s), max(kw, s)), mode="bilinear",
+                                           align_corners=True)
+        s_h, s_w = latent.shape[-2:]
+    else:
+        s_h = s_w = s
+    top, left = (s_h - kh) // 2, (s_w - kw) // 2
+    return latent[:, :, top:top + kh, left:left + kw]
+
+
 def _tile(block: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Repeat ``block`` along every dim until it covers ``shape``, then crop to it (differentiable)."""
     reps = [math.ceil(s / b) for s, b in zip(shape, block.shape)]
@@ -274,7 +292,8 @@ def _targets(graphs: Sequence[ArchGraph], encoded: Sequence[_Encoded], offsets: 
     targets = []
     for gi, (enc, off) in enumerate(zip(encoded, offsets)):
         nodes = graphs[gi].nodes
-        ends = set(graphs[gi].residual_branch_ends()) if branch_gain != 1.0 else set()
+        scaled = branch_gain != 1.0 and not graphs[gi].reads_learned_token()
+        ends = set(graphs[gi].residual_branch_ends()) if scaled else set()
         for node, name, shape, role in enc.params:
             view = _as_4d(shape, spatial=nodes[node].op.endswith("conv"))
             if len(shape) <= 1 or role in ("bias", "norm_weight", "norm_bias", "scale"):
@@ -360,7 +379,7 @@ class GHN(nn.Module):
 
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, t in enumerate(targets):
-            kernel = (min(t.view[2], cfg.max_kernel), min(t.view[3], cfg.max_kernel)) if t.kind == "kernel" else ()
+            kernel = t.view[2:] if t.kind == "kernel" else ()
             groups.setdefault((t.kind, t.role, *kernel), []).append(i)
         blocks: list[torch.Tensor | None] = [None] * len(targets)
         for (kind, role, *kernel), idx in groups.items():
@@ -371,10 +390,8 @@ class GHN(nn.Module):
                 raw = self.dense_block(self.dense_latent(z[sel])).view(-1, cfg.block_1x1, cfg.block_1x1)
             else:
                 kh, kw = kernel
-                s = cfg.max_kernel
-                lat = self.kernel_latent(z[sel]).view(-1, cfg.latent, s, s)
-                top, left = (s - kh) // 2, (s - kw) // 2
-                lat = lat[:, :, top:top + kh, left:left + kw].permute(0, 2, 3, 1)
+                lat = _kernel_latent(self.kernel_latent(z[sel]).view(-1, cfg.latent, cfg.max_kernel, cfg.max_kernel),
+                                     kh, kw).permute(0, 2, 3, 1)
                 raw = self.kernel_block(lat).view(-1, kh, kw, cfg.block, cfg.block).permute(0, 3, 4, 1, 2)
             scaled = _normalize(raw, role, fan_in[sel]) * gains[sel].view(-1, *[1] * (raw.dim() - 1))
             for i, block in zip(idx, scaled):

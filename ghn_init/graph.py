@@ -230,6 +230,28 @@ class ArchGraph:
             self.cache[key] = sorted(ends)
         return self.cache[key]
 
+    def reads_learned_token(self) -> bool:
+        """Whether the output is read from a learned token (a ViT class token) rather than pooled
+        over positions: the graph has a ``token`` node and no global pooling after it.
+
+        Such a token holds no image information at the start; only the residual branches that
+        attend to the patches write it in, so their scale sets how much the output depends on
+        the input at all.
+        """
+        tokens = [i for i, node in enumerate(self.nodes) if node.op == "token"]
+        if not tokens:
+            return False
+        consumers: list[list[int]] = [[] for _ in self.nodes]
+        for src, dst in self.edges:
+            consumers[src].append(dst)
+        seen, stack = set(tokens), list(tokens)
+        while stack:
+            for dst in consumers[stack.pop()]:
+                if dst not in seen:
+                    seen.add(dst)
+                    stack.append(dst)
+        return not any(self.nodes[i].op == "glob_avg" for i in seen)
+
     def signature(self) -> str:
         """A content hash of the graph: equal signatures mean the GHN predicts equal tensors."""
         payload = json.dumps(self.to_dict(), sort_keys=True).encode()

@@ -1,10 +1,11 @@
 """GHN weights through timm's own door: a ``PretrainedCfg`` whose ``file`` is a predicted state dict.
 
 timm never shows external code the model it builds, so the weights are predicted on a meta-device
-twin built with the same kwargs, written once to a cache keyed by (GHN content hash, architecture,
-kwargs), and loaded by ``timm.create_model(name, pretrained=True, pretrained_cfg=cfg, **kwargs)``
-like any pretrained checkpoint. A different ``num_classes`` or ``in_chans`` at load time then
-behaves as timm does for pretrained weights (classifier dropped, stem adapted).
+twin built with the same kwargs, written once to a cache keyed by (ghn_init version, GHN content
+hash, architecture, kwargs), and loaded by ``timm.create_model(name, pretrained=True,
+pretrained_cfg=cfg, **kwargs)`` like any pretrained checkpoint. A different ``num_classes`` or
+``in_chans`` at load time then behaves as timm does for pretrained weights (classifier dropped, stem
+adapted).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from . import __version__
 from .export import create_meta_model, input_size_for, write_predicted
 from .ghn import GHN
 from .hub import content_hash, load
@@ -41,7 +43,9 @@ def predicted_file(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Pat
     """Path of the predicted safetensors for ``timm.create_model(name, **timm_kwargs)``, made on first use."""
     ghn = ghn or load()
     ghn_hash = content_hash(ghn)
-    key = hashlib.sha256(f"{ghn_hash}|{name}|{_kwargs_key(timm_kwargs)}".encode()).hexdigest()[:20]
+    # The library version is in the key: a release that changes how tensors are made from a GHN must
+    # not serve files an older release predicted.
+    key = hashlib.sha256(f"{__version__}|{ghn_hash}|{name}|{_kwargs_key(timm_kwargs)}".encode()).hexdigest()[:20]
     path = cache_dir() / ghn_hash[:16] / f"{name}-{key}.safetensors"
     if path.is_file():
         return path

@@ -175,3 +175,18 @@ def test_default_input_size_is_what_the_input_embedding_was_built_for(name, kwar
 
     g = build_graph(timm.create_model(name, num_classes=10, device="meta", **kwargs))
     assert g.input_size == size
+
+
+@pytest.mark.parametrize("name, kwargs, reads_token", [
+    ("vit_tiny_patch16_224", {}, True),                              # class token read by the head
+    ("deit_tiny_distilled_patch16_224", {}, True),                   # class and distillation tokens
+    ("vit_tiny_patch16_224", {"global_pool": "avg"}, False),         # a class token, but pooled over patches
+    ("mixer_s16_224", {}, False),
+    ("resnet18", {}, False),
+])
+def test_reads_learned_token(name, kwargs, reads_token):
+    import timm
+
+    size = {} if name == "resnet18" else {"img_size": 32}
+    model = timm.create_model(name, num_classes=10, device="meta", **size, **kwargs)
+    assert build_graph(model, (3, 32, 32)).reads_learned_token() is reads_token

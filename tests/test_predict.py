@@ -13,6 +13,7 @@ from torch import nn
 
 import ghn_init
 from ghn_init import GHN, GHNConfig, GraphBuildError
+from ghn_init.ghn import _kernel_latent
 
 MODELS = {
     "resnet18": {},
@@ -186,12 +187,34 @@ def test_untie_noise_leaves_no_tiled_copies(default_ghn):
 
 
 def test_residual_branch_gain_scales_only_branch_ends(default_ghn):
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, device="meta")
-    plain = _with_config(default_ghn, residual_branch_gain=1.0, untie_noise=0.0).predict(model)
     gain = 0.25
-    scaled = _with_config(default_ghn, residual_branch_gain=gain, untie_noise=0.0).predict(model)
+    plain_ghn = _with_config(default_ghn, residual_branch_gain=1.0, untie_noise=0.0)
+    scaled_ghn = _with_config(default_ghn, residual_branch_gain=gain, untie_noise=0.0)
+    kwargs = dict(num_classes=10, img_size=32, patch_size=4, device="meta")
+    pooled = timm.create_model("vit_tiny_patch16_224", global_pool="avg", **kwargs)
+    plain, scaled = plain_ghn.predict(pooled), scaled_ghn.predict(pooled)
     ends = {k for k in plain if k.endswith(("attn.proj.weight", "attn.proj.bias", "fc2.weight", "fc2.bias"))}
     assert len(ends) == 4 * 12
     for name in plain:
         expected = plain[name] * gain if name in ends else plain[name]
         assert torch.allclose(scaled[name], expected, rtol=1e-6, atol=0), name
+    class_token = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    plain, scaled = plain_ghn.predict(class_token), scaled_ghn.predict(class_token)
+    assert all(torch.equal(plain[k], scaled[k]) for k in plain), "no gain where the output reads the class token"
+
+
+def test_kernels_larger_than_the_latent_are_resampled_not_tiled(default_ghn):
+    """A 16x16 patch embedding gets a smooth upsampled filter; 7x7 and smaller keep the centre crop."""
+    big = timm.create_model("mixer_s16_224", num_classes=10, img_size=32, device="meta")
+    stem = _with_config(default_ghn, untie_noise=0.0).predict(big)["stem.proj.weight"]
+    period = default_ghn.config.max_kernel
+    assert stem.shape[-2:] == (16, 16)
+    assert not torch.allclose(stem[..., :period], stem[..., period:2 * period])
+    neighbours = (stem[..., 1:] - stem[..., :-1]).pow(2).mean()
+    assert neighbours < 0.5 * stem.pow(2).mean(), "resampling gives filters smoother than white noise"
+    latent = torch.randn(2, 4, period, period)
+    assert torch.equal(_kernel_latent(latent, period, period), latent)
+    assert torch.equal(_kernel_latent(latent, 3, 3), latent[:, :, 2:5, 2:5])
+    assert torch.equal(_kernel_latent(latent, 1, 5), latent[:, :, 3:4, 1:6])
+    tall = _kernel_latent(latent, 9, 3)
+    assert tall.shape == (2, 4, 9, 3) and torch.allclose(tall[:, :, 0], latent[:, :, 0, 2:5])

@@ -24,6 +24,9 @@ def test_three_ways_give_identical_tensors(tmp_path, monkeypatch, default_ghn):
     stamp = files[0].stat().st_mtime_ns
     ghn_init.pretrained_cfg("convnext_atto", num_classes=7)
     assert files[0].stat().st_mtime_ns == stamp, "cached prediction reused"
+    monkeypatch.setattr(ghn_init.pretrained, "__version__", "0.0.0")
+    older = ghn_init.pretrained.predicted_file("convnext_atto", num_classes=7)
+    assert older != files[0] and older.is_file(), "another ghn_init release predicts its own file"
 
 
 def test_other_num_classes_at_load_drops_the_head_like_timm(tmp_path, monkeypatch, default_ghn):

@@ -21,16 +21,18 @@ def machine() -> dict[str, str | int]:
 
 
 def ghn_setup(ghn) -> dict[str, object]:
-    """Which GHN predicted, and the config fields that shape its tensors beyond its weights."""
+    """Which GHN predicted, the config fields that shape its tensors beyond its weights, and the
+    ghn_init release that turned its output into tensors."""
     import ghn_init
 
     return {"ghn": ghn.meta.get("name"), "ghn_sha256": ghn_init.content_hash(ghn)[:16],
-            "untie_noise": ghn.config.untie_noise, "residual_branch_gain": ghn.config.residual_branch_gain}
+            "untie_noise": ghn.config.untie_noise, "residual_branch_gain": ghn.config.residual_branch_gain,
+            "ghn_init": ghn_init.__version__}
 
 
 def describe_ghn(setup: dict) -> str:
     return (f"GHN `{setup['ghn']}` (sha256 {setup['ghn_sha256']}; untie noise {setup['untie_noise']}, "
-            f"residual branch gain {setup['residual_branch_gain']})")
+            f"residual branch gain {setup['residual_branch_gain']}; ghn_init {setup['ghn_init']})")
 
 
 def update_results(section: str, markdown: str) -> None:

@@ -6,7 +6,7 @@ For each architecture in ``ARCHITECTURES`` (built for 32x32 inputs and 10 classe
 mode. Writes benchmarks/results/finetune.{json,png} and prints a markdown table (``--results-md`` also
 puts it into RESULTS.md). Running a subset of ``--inits`` keeps the other inits' results from an
 earlier JSON with the same recipe, split and thread count: the default init's from any GHN, the
-GHN init's only from the same GHN (content hash, prediction settings included).
+GHN init's only from the same GHN (content hash, prediction settings included) and ghn_init release.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _earlier_rows(path: Path, setup: dict[str, Any]) -> dict[str, dict[str, Any]
         return {}
     if earlier["setup"]["machine"]["torch_threads"] != setup["machine"]["torch_threads"]:
         return {}
-    same_ghn = earlier["setup"].get("ghn_sha256") == setup["ghn_sha256"]
+    same_ghn = all(earlier["setup"].get(k) == setup[k] for k in ("ghn_sha256", "ghn_init"))
     return {name: {k: v for k, v in row.items() if same_ghn or k != "ghn"}
             for name, row in earlier["architectures"].items()}
 

@@ -261,7 +261,7 @@ def run_protocol(archs: list[Architecture], ghn_ref: str | None = None, full: bo
         ghn = ghn_init.load(ghn_ref)
         setup.update(ghn=ghn.meta.get("name", ghn_ref), ghn_sha256=ghn_init.content_hash(ghn)[:16],
                      untie_noise=ghn.config.untie_noise, residual_branch_gain=ghn.config.residual_branch_gain,
-                     ghn_training_steps=ghn.meta.get("training", {}).get("steps"))
+                     ghn_training_steps=ghn.meta.get("training", {}).get("steps"), ghn_init=ghn_init.__version__)
     test, calibration = load_eval_data(full, calibrate_bn, device)
     data = EvalData(test, calibration, _load_train(train_images, device) if sgd_steps else None)
     if data.train is not None:

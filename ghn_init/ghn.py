@@ -5,6 +5,10 @@ GHN-2 style (Knyazev et al., 2021): node embeddings from op type and parameter s
 LayerNorm on node states, and a decoder that turns each parameter's node state into a fixed-size
 block tiled to the requested shape, then scaled by an op-dependent normalization so that any
 width or depth starts in a trainable regime.
+
+Two GHN-3-era alternatives are a config switch away (``GHNConfig.encoder``, ``GHNConfig.decoder``):
+a graph transformer encoder (GHN-3, :mod:`ghn_init.transformer`) and a low-rank decoder (LoGAH)
+whose weights are products of two decoded factors instead of tiled blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from .graph import OP_TYPES, ROLES, ArchGraph, build_graph
+from .transformer import GraphTransformer
 
 __all__ = ["GHN", "GHNConfig", "PredictionReport", "norm_statistics"]
 
@@ -32,13 +37,23 @@ class GHNConfig:
     """Hyper-parameters of a GHN; saved as the ``ghn`` block of ``config.json``."""
 
     hidden: int = 128           # node state width
-    rounds: int = 3             # message-passing rounds (each: forward, backward, virtual edges)
+    #: "gated_gnn": GHN-2's GRU message passing; "transformer": GHN-3's graph transformer
+    #: (:mod:`ghn_init.transformer`), ``rounds`` layers of ``heads`` heads.
+    encoder: str = "gated_gnn"
+    rounds: int = 3             # message-passing rounds (each: forward, backward, virtual edges) or layers
+    heads: int = 4              # attention heads of the transformer encoder
     virtual_cutoff: int = 50    # virtual edges join ops up to this many hops apart
     latent: int = 64            # per-position channels of the decoded kernel latent
     max_kernel: int = 7         # kernel latent is max_kernel x max_kernel, centre-cropped
     block: int = 64             # (block x block) tile for spatial kernels
     block_1x1: int = 128        # (block_1x1 x block_1x1) tile for linear and 1x1 layers
     vector: int = 128           # tile length for 1-D tensors (biases, norms)
+    #: "tiling": weights are fixed-size decoded blocks tiled to the tensor's shape; "low_rank"
+    #: (LoGAH): each weight (per kernel position) is the product of two decoded factors of
+    #: ``rank`` columns and up to ``low_rank_size`` rows, so it is tiled only beyond that size.
+    decoder: str = "tiling"
+    rank: int = 16
+    low_rank_size: int = 256
     #: Gain on the last layer of each residual branch that nothing after it rescales (see
     #: ``ArchGraph.residual_branch_ends``). Repeated blocks get near-identical predictions, so at
     #: gain 1 every block adds the same direction and the residual stream grows linearly with
@@ -53,6 +68,11 @@ class GHNConfig:
     #: are made for a model (``predict``, ``predict_tensors``, ``apply_``), not in the
     #: differentiable ``forward`` that meta-training uses.
     untie_noise: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("encoder", ("gated_gnn", "transformer")), ("decoder", ("tiling", "low_rank"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"GHN config {key}: {getattr(self, key)!r} is not one of {allowed}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GHNConfig:
@@ -318,25 +338,34 @@ class GHN(nn.Module):
         h = cfg.hidden
         self.op_embed = nn.Embedding(len(OP_TYPES), h)
         self.shape_embed = nn.Linear(_SHAPE_FEATURES, h)
-        self.msg_forward = nn.ModuleList(_mlp(h, h, h) for _ in range(cfg.rounds))
-        self.msg_backward = nn.ModuleList(_mlp(h, h, h) for _ in range(cfg.rounds))
-        self.msg_virtual_forward = nn.ModuleList(_mlp(h, h, h) for _ in range(cfg.rounds))
-        self.msg_virtual_backward = nn.ModuleList(_mlp(h, h, h) for _ in range(cfg.rounds))
-        self.update = nn.ModuleList(nn.GRUCell(h, h) for _ in range(cfg.rounds))
-        self.node_norm = nn.ModuleList(nn.LayerNorm(h) for _ in range(cfg.rounds))
+        if cfg.encoder == "transformer":
+            self.transformer = GraphTransformer(h, cfg.rounds, cfg.heads)
+        else:
+            self.msg_forward = nn.ModuleList(_mlp(h, h, h) for _ in range(cfg.rounds))
+            self.msg_backward = nn.ModuleList(_mlp(h, h, h) for _ in range(cfg.rounds))
+            self.msg_virtual_forward = nn.ModuleList(_mlp(h, h, h) for _ in range(cfg.rounds))
+            self.msg_virtual_backward = nn.ModuleList(_mlp(h, h, h) for _ in range(cfg.rounds))
+            self.update = nn.ModuleList(nn.GRUCell(h, h) for _ in range(cfg.rounds))
+            self.node_norm = nn.ModuleList(nn.LayerNorm(h) for _ in range(cfg.rounds))
         self.role_embed = nn.Embedding(len(ROLES), h)
         self.param_shape_embed = nn.Linear(4, h)
         self.param_norm = nn.LayerNorm(h)
         s = cfg.max_kernel
         self.kernel_latent = _mlp(h, 2 * h, cfg.latent * s * s)
-        self.kernel_block = nn.Linear(cfg.latent, cfg.block * cfg.block)
         self.dense_latent = _mlp(h, 2 * h, cfg.latent)
-        self.dense_block = nn.Linear(cfg.latent, cfg.block_1x1 * cfg.block_1x1)
         self.vector_head = _mlp(h, 2 * h, cfg.vector)
-        for block in (self.kernel_block, self.dense_block):
-            # latents start with std ~0.25: raw blocks start near std 0.5, weights near 0.5/sqrt(fan_in)
-            nn.init.normal_(block.weight, std=2.0 / math.sqrt(cfg.latent))
-            nn.init.zeros_(block.bias)
+        # Latents start with std ~0.25: raw blocks start near std 0.5, weights near 0.5/sqrt(fan_in).
+        if cfg.decoder == "low_rank":
+            self.kernel_factors = nn.Linear(cfg.latent, 2 * cfg.low_rank_size * cfg.rank)
+            self.dense_factors = nn.Linear(cfg.latent, 2 * cfg.low_rank_size * cfg.rank)
+            decoders, std = (self.kernel_factors, self.dense_factors), 2.8 / math.sqrt(cfg.latent)  # factors ~0.7
+        else:
+            self.kernel_block = nn.Linear(cfg.latent, cfg.block * cfg.block)
+            self.dense_block = nn.Linear(cfg.latent, cfg.block_1x1 * cfg.block_1x1)
+            decoders, std = (self.kernel_block, self.dense_block), 2.0 / math.sqrt(cfg.latent)
+        for decoder in decoders:
+            nn.init.normal_(decoder.weight, std=std)
+            nn.init.zeros_(decoder.bias)
         self.register_load_state_dict_pre_hook(_extend_op_vocabulary)
 
     # ------------------------------------------------------------------ differentiable core
@@ -350,8 +379,10 @@ class GHN(nn.Module):
             total += enc.op_ids.numel()
         op_ids = torch.cat([e.op_ids for e in encoded]).to(device)
         feats = torch.cat([e.node_features for e in encoded]).to(device)
-        operator = _message_operator(encoded, offsets, total, device)
         h = self.op_embed(op_ids) + self.shape_embed(feats)
+        if self.config.encoder == "transformer":
+            return self.transformer(h, graphs, self.config.virtual_cutoff), encoded, offsets
+        operator = _message_operator(encoded, offsets, total, device)
         for r in range(self.config.rounds):
             messages = torch.cat([self.msg_forward[r](h), self.msg_backward[r](h),
                                   self.msg_virtual_forward[r](h), self.msg_virtual_backward[r](h)])
@@ -384,6 +415,10 @@ class GHN(nn.Module):
         blocks: list[torch.Tensor | None] = [None] * len(targets)
         for (kind, role, *kernel), idx in groups.items():
             sel = torch.tensor(idx, device=device)
+            if kind != "vector" and cfg.decoder == "low_rank":
+                for i, raw in zip(idx, self._low_rank_blocks([targets[i] for i in idx], z[sel], kind, kernel)):
+                    blocks[i] = _normalize(raw.unsqueeze(0), role, fan_in[i:i + 1])[0] * targets[i].gain
+                continue
             if kind == "vector":
                 raw = self.vector_head(z[sel])
             elif kind == "dense":
@@ -397,6 +432,28 @@ class GHN(nn.Module):
             for i, block in zip(idx, scaled):
                 blocks[i] = block
         return targets, blocks
+
+    def _low_rank_blocks(self, targets: Sequence[_Target], z: torch.Tensor, kind: str,
+                         kernel: Sequence[int]) -> list[torch.Tensor]:
+        """LoGAH's decoder: per tensor (and kernel position), ``A @ B.T / sqrt(rank)`` with ``A``, ``B``
+        decoded factors cropped to the tensor's (out, in) up to ``low_rank_size``; raw, before scaling."""
+        cfg = self.config
+        size, rank = cfg.low_rank_size, cfg.rank
+        if kind == "dense":
+            factors = self.dense_factors(self.dense_latent(z)).view(-1, 2, size, rank)
+        else:
+            kh, kw = kernel
+            lat = _kernel_latent(self.kernel_latent(z).view(-1, cfg.latent, cfg.max_kernel, cfg.max_kernel), kh, kw)
+            factors = self.kernel_factors(lat.permute(0, 2, 3, 1)).view(-1, kh, kw, 2, size, rank)
+        raws = []
+        for target, factor in zip(targets, factors):
+            rows, cols = min(target.view[0], size), min(target.view[1], size)
+            if kind == "dense":
+                raws.append(factor[0, :rows] @ factor[1, :cols].T / math.sqrt(rank))
+            else:
+                a, b = factor[:, :, 0, :rows], factor[:, :, 1, :cols]
+                raws.append(torch.einsum("hwor,hwcr->ochw", a, b) / math.sqrt(rank))
+        return raws
 
     def forward(self, graphs: Sequence[ArchGraph]) -> list[dict[str, torch.Tensor]]:
         """Predicted parameters (float32, on the GHN's device) for each graph, keyed by name."""

@@ -33,35 +33,34 @@ from train_ghn.evaluate import OOD_ARCHITECTURES, ood_architectures, run_protoco
 from train_ghn.trainer import TrainConfig, Trainer
 
 REPO = HERE.parent
-VARIANTS = {"GHN-2 (gated GNN, tiling)": ("gated_gnn", "tiling"),
-            "GHN-3 encoder (graph transformer, tiling)": ("transformer", "tiling"),
-            "LoGAH decoder (gated GNN, low rank)": ("gated_gnn", "low_rank"),
-            "GHN-3 + LoGAH (graph transformer, low rank)": ("transformer", "low_rank")}
-BASELINE = next(iter(VARIANTS))
+#: ``encoder-decoder`` (GHNConfig values) -> what the variant is
+VARIANTS = {"gated_gnn-tiling": "GHN-2 (gated GNN, tiling)",
+            "transformer-tiling": "GHN-3 encoder (graph transformer, tiling)",
+            "gated_gnn-low_rank": "LoGAH decoder (gated GNN, low rank)",
+            "transformer-low_rank": "GHN-3 + LoGAH (graph transformer, low rank)"}
+BASELINE = "gated_gnn-tiling"
 
 
-def _config(base: dict[str, Any], encoder: str, decoder: str, **changes: Any) -> dict[str, Any]:
+def _config(base: dict[str, Any], variant: str, **changes: Any) -> dict[str, Any]:
+    encoder, decoder = variant.split("-")
     return {**base, "ghn": {**base["ghn"], "encoder": encoder, "decoder": decoder}, **changes}
 
 
-def _folder(label: str) -> str:
-    return "-".join(VARIANTS[label])
-
-
-def pilot(base: dict[str, Any], warmup: int, steps: int, pool_size: int, work: Path) -> dict[str, float]:
+def pilot(base: dict[str, Any], variants: list[str], warmup: int, steps: int, pool_size: int,
+          work: Path) -> dict[str, float]:
     """Seconds per meta-training step of each variant: same draws and images, pools prebuilt."""
     seconds = {}
-    for label, (encoder, decoder) in VARIANTS.items():
-        config = TrainConfig(**_config(base, encoder, decoder, pool_size=pool_size, max_steps=warmup + steps))
-        trainer = Trainer(config, work / f"pilot-{_folder(label)}", device="cpu")
+    for variant in variants:
+        config = TrainConfig(**_config(base, variant, pool_size=pool_size, max_steps=warmup + steps))
+        trainer = Trainer(config, work / f"pilot-{variant}", device="cpu")
         trainer.prebuild(1)
         for _ in range(warmup):
             trainer.train_step()
         started = time.perf_counter()
         for _ in range(steps):
             trainer.train_step()
-        seconds[label] = (time.perf_counter() - started) / steps
-        print(f"pilot: {label}: {seconds[label]:.3f} s/step", flush=True)
+        seconds[variant] = (time.perf_counter() - started) / steps
+        print(f"pilot: {VARIANTS[variant]}: {seconds[variant]:.3f} s/step", flush=True)
     return seconds
 
 
@@ -93,6 +92,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="meta-training steps of the GHN-2 baseline")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "variants")
     parser.add_argument("--jobs", type=int, default=2, help="variants trained at once (one thread each)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                        help=f"encoder-decoder pairs; {BASELINE} (the step budget's reference) is always run")
     parser.add_argument("--pilot-steps", type=int, default=12)
     parser.add_argument("--archs", nargs="*", default=list(OOD_ARCHITECTURES), choices=list(OOD_ARCHITECTURES),
                         help="architectures evaluated (default: the whole OOD list)")
@@ -101,36 +102,35 @@ def main() -> None:
     torch.set_num_threads(1)
     base = yaml.safe_load((REPO / args.config).read_text())
     args.runs.mkdir(parents=True, exist_ok=True)
+    variants = [BASELINE, *(v for v in args.variants if v != BASELINE)]
     plan_path = args.runs / "plan.json"
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
-    if plan.get("config") != base or plan.get("baseline_steps") != args.steps:
-        seconds = pilot(base, 3, args.pilot_steps, 4, args.runs)
-        steps = {label: max(1, round(args.steps * seconds[BASELINE] / s)) for label, s in seconds.items()}
+    if plan.get("config") != base or plan.get("baseline_steps") != args.steps or set(variants) - set(plan["steps"]):
+        seconds = pilot(base, variants, 3, args.pilot_steps, 4, args.runs)
+        steps = {v: max(1, round(args.steps * seconds[BASELINE] / s)) for v, s in seconds.items()}
         plan = {"config": base, "baseline_steps": args.steps, "pilot_s_per_step": seconds, "steps": steps}
         plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     print(json.dumps(plan["steps"], indent=2), flush=True)
 
-    def run(label: str) -> Path:
-        encoder, decoder = VARIANTS[label]
-        config = _config(base, encoder, decoder, name=f"ghn-variant-{encoder}-{decoder}",
-                         max_steps=plan["steps"][label])
-        return train(config, args.runs / _folder(label))
+    def run(variant: str) -> Path:
+        config = _config(base, variant, name=f"ghn-variant-{variant}", max_steps=plan["steps"][variant])
+        return train(config, args.runs / variant)
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        finals = dict(zip(VARIANTS, pool.map(run, VARIANTS)))
+        finals = dict(zip(variants, pool.map(run, variants)))
     rows = {}
-    for label, final in finals.items():
+    for variant, final in finals.items():
         result = run_protocol([a for a in ood_architectures() if a.name in args.archs], str(final), sgd_steps=())
         training = json.loads((final / "config.json").read_text())["training"]
-        rows[label] = {"encoder": VARIANTS[label][0], "decoder": VARIANTS[label][1],
-                       "ghn_params": sum(p.numel() for p in ghn_init.load(str(final)).parameters()),
-                       "steps": training["steps"], "wall_time_s": training["wall_time_s"],
-                       "pilot_s_per_step": round(plan["pilot_s_per_step"][label], 4),
-                       "final_train_loss": round(_final_loss(final.parent), 4),
-                       "ood_acc_bn_calibrated": {n: r["ghn"]["acc_bn_calibrated"]
-                                                 for n, r in result["architectures"].items()},
-                       "mean_ood_acc": result["mean_ghn_acc_bn_calibrated"]}
-        print(label, json.dumps(rows[label]), flush=True)
+        rows[variant] = {"label": VARIANTS[variant], "ghn": dict(zip(("encoder", "decoder"), variant.split("-"))),
+                         "ghn_params": sum(p.numel() for p in ghn_init.load(str(final)).parameters()),
+                         "steps": training["steps"], "wall_time_s": training["wall_time_s"],
+                         "pilot_s_per_step": round(plan["pilot_s_per_step"][variant], 4),
+                         "final_train_loss": round(_final_loss(final.parent), 4),
+                         "ood_acc_bn_calibrated": {n: r["ghn"]["acc_bn_calibrated"]
+                                                   for n, r in result["architectures"].items()},
+                         "mean_ood_acc": result["mean_ghn_acc_bn_calibrated"]}
+        print(variant, json.dumps(rows[variant]), flush=True)
     setup = {"config": args.config, "baseline_steps": args.steps, "split": result["setup"]["split"],
              "calibrate_bn_images": result["setup"]["calibrate_bn_images"], "machine": machine()}
     out = HERE / "results"
@@ -154,10 +154,10 @@ def _table(setup: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
              "", "| variant | GHN params | s/step | steps | final train loss | " + " | ".join(archs) + " | **mean** |",
              "|---|---|---|---|---|" + "---|" * (len(archs) + 1)]
     best = max(r["mean_ood_acc"] for r in rows.values())
-    for label, r in rows.items():
+    for r in rows.values():
         accs = " | ".join(f"{100 * r['ood_acc_bn_calibrated'][a]:.1f}%" for a in archs)
         mean = f"{100 * r['mean_ood_acc']:.1f}%"
-        cells = [label, f"{r['ghn_params'] / 1e6:.2f}M", f"{r['pilot_s_per_step']:.2f}", str(r["steps"]),
+        cells = [r["label"], f"{r['ghn_params'] / 1e6:.2f}M", f"{r['pilot_s_per_step']:.2f}", str(r["steps"]),
                  f"{r['final_train_loss']:.3f}", accs, f"**{mean}**" if r["mean_ood_acc"] == best else mean]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "`python benchmarks/ghn_variants.py` -> `benchmarks/results/ghn_variants.json`, `.png`"]
@@ -173,10 +173,10 @@ def _plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     archs = list(next(iter(rows.values()))["ood_acc_bn_calibrated"])
     width = 0.8 / len(rows)
-    for i, (label, r) in enumerate(rows.items()):
+    for i, r in enumerate(rows.values()):
         xs = [a + (i - (len(rows) - 1) / 2) * width for a in range(len(archs) + 1)]
         ax.bar(xs, [100 * r["ood_acc_bn_calibrated"][a] for a in archs] + [100 * r["mean_ood_acc"]], width,
-               label=f"{label}: {r['steps']} steps")
+               label=f"{r['label']}: {r['steps']} steps")
     ax.axhline(10, color="grey", ls="--", lw=1)
     ax.set_xticks(range(len(archs) + 1), [a.split("_")[0] for a in archs] + ["mean"], fontsize=7)
     ax.set_ylabel("predicted-weight accuracy (%)")

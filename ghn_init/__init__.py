@@ -1,6 +1,6 @@
 """ghn_init: predict weights for any timm architecture with a graph hypernetwork."""
 
-__version__ = "0.3.0"  # before the imports: the prediction cache keys on it
+__version__ = "0.4.0"  # before the imports: the prediction cache keys on it
 
 from .ghn import GHN, GHNConfig, PredictionReport
 from .graph import OP_TYPES, ArchGraph, GraphBuildError, build_graph

@@ -95,6 +95,13 @@ def test_families_cover_their_variants():
     assert grouped, "no ResNeXt among 12 resnet draws"
 
 
+def test_mixer_draws_cover_the_token_counts_of_timm_mixers():
+    """mixer_s16_224 at 32x32 mixes 4 tokens of width 512: the draws must reach both ends."""
+    stems = [_meta("mixer", seed).stem.proj for seed in range(24)]
+    assert {conv.kernel_size[0] for conv in stems} == {4, 8, 16}
+    assert max(conv.out_channels for conv in stems) >= 384
+
+
 def test_swin_windows_tile_every_stage():
     for seed in range(8):
         model = _meta("swin", seed)

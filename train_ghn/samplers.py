@@ -12,7 +12,8 @@ GHN sees the op patterns of the models users ask about:
   (universal inverted residual) stacks in timm's ``MobileNetV3`` class;
 - ``regnet``: RegNet-X/Y/V/Z-like ``RegNetCfg`` draws;
 - ``swin``: Swin transformers with per-stage windows that tile the 32x32 feature maps;
-- ``mixer``: MLP-Mixer, gMixer (GLU), ResMLP and gMLP blocks in timm's ``MlpMixer``.
+- ``mixer``: MLP-Mixer, gMixer (GLU), ResMLP and gMLP blocks in timm's ``MlpMixer``, with 4x4 to
+  16x16 patches (64 to 4 tokens: ``mixer_s16_224`` at 32x32 has 4) and widths up to 512.
 
 The families added after resnet/vit/convnext are capped at ``MAX_PARAMS`` parameters. All
 buffers are BatchNorm statistics, except Swin's ``relative_position_index`` and ``attn_mask``,
@@ -244,8 +245,8 @@ def _mixer(rng: random.Random, num_classes: int) -> nn.Module:
     }
     return MlpMixer(
         img_size=32,
-        patch_size=4,
-        embed_dim=rng.choice((64, 96, 128, 192, 256)),
+        patch_size=rng.choice((4, 8, 16)),
+        embed_dim=rng.choice((64, 96, 128, 192, 256, 384, 512)),
         num_blocks=rng.randint(2, 8),
         num_classes=num_classes,
         **blocks[kind],

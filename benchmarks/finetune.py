@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--ghn", help="GHN reference (default: the embedded GHN)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=SGDRecipe.lr, help="peak of the one-cycle learning rate")
     parser.add_argument("--test-per-class", type=int, default=200, help="200: balanced 2,000; 1000: full test split")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="finetune", help="stem of the files under benchmarks/results/")
@@ -69,7 +70,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     example = _example()
     ghn = ghn_init.load(args.ghn)
-    recipe = SGDRecipe(seed=args.seed)
+    recipe = SGDRecipe(lr=args.lr, seed=args.seed)
     test_split = ("test (10,000)" if args.test_per_class >= 1000 else
                   f"balanced test (first {args.test_per_class} per class, {10 * args.test_per_class:,})")
     recipe_setup = {**recipe.to_dict(), "steps": args.steps, "label_smoothing": 0.0,

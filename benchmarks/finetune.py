@@ -9,8 +9,8 @@ Writes benchmarks/results/finetune.{json,png} and prints a markdown table (``--r
 into RESULTS.md). Runs found in an earlier JSON with the same recipe, split and thread count are kept
 (``--rerun`` repeats those of ``--inits``), per (architecture, init, seed): the default init's from any
 GHN, the GHN init's only from the same GHN (content hash, prediction settings included) and ghn_init
-release. ``--workers`` runs that many
-single-configuration jobs at once; each job's result does not depend on it.
+release. ``--workers`` runs that many (architecture, init, seed) jobs at once, each in its own process;
+a job's result does not depend on it.
 """
 
 from __future__ import annotations

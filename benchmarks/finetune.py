@@ -20,7 +20,9 @@ import concurrent.futures
 import importlib.util
 import json
 import multiprocessing
+import os
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,17 @@ def _example() -> Any:
     return module
 
 
-def _start_worker(test_per_class: int, threads: int) -> None:
+def _exit_when_orphaned(parent: int, every_s: float = 2.0) -> None:
+    """Ends this job process once the benchmark that started it is gone (killed, even by SIGKILL):
+    a spawn pool's workers otherwise keep running, and keep the machine busy, after their parent."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
+
+
+def _start_worker(test_per_class: int, threads: int, parent: int | None = None) -> None:
+    if parent is not None:
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)
     _worker["example"] = example = _example()
     _worker["data"] = example.load_data(test_per_class=test_per_class)
@@ -133,7 +145,7 @@ def main() -> None:
     if args.workers > 1:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.workers, context, _start_worker,
-                                                    (args.test_per_class, args.threads)) as pool:
+                                                    (args.test_per_class, args.threads, os.getpid())) as pool:
             futures = {pool.submit(_finetune_one, *job, args.steps, args.lr, args.ghn): job for job in jobs}
             for future in concurrent.futures.as_completed(futures):
                 runs[futures[future]] = _report_run(futures[future], future.result(), started)

@@ -43,6 +43,7 @@ def main() -> None:
                "nodes": sum(r.get("nodes", 0) for r in rows),
                "other_op_nodes": sum(r.get("other_ops", 0) for r in rows),
                "architectures_with_other_ops": sum(bool(r.get("other_ops")) for r in rows),
+               "graph_s_total": round(sum(r.get("graph_s", 0) for r in rows), 1),
                "predict_s_total": round(sum(r.get("predict_s", 0) for r in rows), 1),
                "failed": {r["name"]: r["error"] for r in rows if not r["ok"]}}
     out = HERE / "results"
@@ -52,7 +53,8 @@ def main() -> None:
     _plot(families, out / "coverage.png")
     lines = [f"{summary['fully_predicted']}/{summary['architectures']} architectures fully predicted "
              f"({summary['graph_built']} graphs built, {summary['tensors_skipped']} parameter tensors skipped); "
-             f"sum of per-model predict times {summary['predict_s_total']} s, wall {setup['wall_s']} s with "
+             f"sums of per-model times: graph builds {summary['graph_s_total']} s, predictions from the graphs "
+             f"{summary['predict_s_total']} s; wall {setup['wall_s']} s with "
              f"{args.workers} workers on {setup['machine']['cpus']} CPUs, timm {setup['machine']['timm']}.", "",
              f"Generic `other` ops: {summary['other_op_nodes']} of {summary['nodes']} graph nodes, in "
              f"{summary['architectures_with_other_ops']} architectures.", "",

@@ -1,9 +1,10 @@
 """Time of ``ghn.predict`` on a meta-device model (graph included) against timm's own random init.
 
-For each model: median of 5 runs of ``ghn.predict(timm.create_model(name, device="meta"))`` and of
-``timm.create_model(name)`` on the CPU, measured in the same worker process (after one warm-up
-each, interleaved), and the peak RSS above the post-import baseline of a fresh worker running
-one method once. Writes benchmarks/results/predict_speed.{json,png} and a table in RESULTS.md.
+For each model: median of ``--repeats`` runs (default 10) of
+``ghn.predict(timm.create_model(name, device="meta"))`` and of ``timm.create_model(name)`` on the
+CPU, measured in the same worker process (after one warm-up each, interleaved), and the peak RSS
+above the post-import baseline of a fresh worker running one method once. Writes
+benchmarks/results/predict_speed.{json,png} and a table in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ _WORKER = r"""
 import json, resource, statistics, sys, time
 import torch, timm, ghn_init
 torch.set_num_threads(int(sys.argv[3]))
-name, method = sys.argv[1], sys.argv[2]
+name, method, repeats = sys.argv[1], sys.argv[2], int(sys.argv[4])
 ghn = ghn_init.load()
 methods = {"ghn": lambda: ghn.predict(timm.create_model(name, num_classes=1000, device="meta")),
            "timm": lambda: timm.create_model(name, num_classes=1000)}
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if method == "both":  # timing: interleaved in one process, one warm-up each
     times = {m: [] for m in methods}
-    for i in range(6):
+    for i in range(repeats + 1):
         for m, run in methods.items():
             t = time.perf_counter(); run(); times[m].append(time.perf_counter() - t)
     result = {m: statistics.median(t[1:]) for m, t in times.items()}
@@ -42,9 +43,9 @@ print(json.dumps(result))
 """
 
 
-def measure(name: str, method: str, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", _WORKER, name, method, str(threads)], capture_output=True,
-                         text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def measure(name: str, method: str, threads: int, repeats: int = 1) -> dict:
+    out = subprocess.run([sys.executable, "-c", _WORKER, name, method, str(threads), str(repeats)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -52,12 +53,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per method (median reported)")
     args = parser.parse_args()
-    setup = {"models": args.models, "threads": args.threads, "repeats": 5, "machine": machine()}
+    setup = {"models": args.models, "threads": args.threads, "repeats": args.repeats, "machine": machine()}
     print(json.dumps(setup, indent=2))
     rows = {}
     for name in args.models:
-        times = measure(name, "both", args.threads)
+        times = measure(name, "both", args.threads, args.repeats)
         rows[name] = {"params_m": round(times["params"] / 1e6, 1), "ghn_predict_s": round(times["ghn"], 4),
                       "timm_init_s": round(times["timm"], 4), "ratio": round(times["ghn"] / times["timm"], 3),
                       "ghn_peak_rss_mb": round(measure(name, "ghn", args.threads)["peak_rss_mb"]),
@@ -68,8 +70,8 @@ def main() -> None:
     (out / "predict_speed.json").write_text(json.dumps({"setup": setup, "models": rows}, indent=2) + "\n")
     _plot(rows, out / "predict_speed.png")
     lines = [f"{setup['machine']['processor']}, {setup['machine']['cpus']} CPUs, {args.threads} torch threads, "
-             f"torch {setup['machine']['torch']}, timm {setup['machine']['timm']}; medians of 5 after a warm-up, "
-             "1,000 classes.", "",
+             f"torch {setup['machine']['torch']}, timm {setup['machine']['timm']}; medians of {args.repeats} after a "
+             "warm-up, 1,000 classes.", "",
              "| model | params (M) | ghn.predict on meta (s) | timm.create_model on CPU (s) | ratio "
              "| peak RSS, GHN / timm (MB) |",
              "|---|---|---|---|---|---|"]

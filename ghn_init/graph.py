@@ -6,6 +6,7 @@ yields the same graph whatever device its weights live on. Autograd nodes are ty
 op vocabulary below by their autograd function (never by parameter names); shape-only ops
 (views, transposes, expands, dropout, scalar arithmetic) are collapsed so that an edge means
 "data flows from this op to that op", and each parameter is attached to the op that consumes it.
+Repeated ops of the pass are answered from a cache of their output layouts (:mod:`.meta_cache`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .meta_cache import MetaShapeCache
 
 __all__ = ["OP_TYPES", "ROLES", "ArchGraph", "GraphBuildError", "GraphNode", "build_graph"]
 
@@ -415,7 +418,7 @@ def _trace(
     fused: dict[Any, _FusedCall] = {}
     handles = _record_fused_calls(model, fused)
     try:
-        with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
+        with sdpa_kernel(SDPBackend.MATH), torch.enable_grad(), MetaShapeCache():
             out = torch.func.functional_call(model, substitutes, (x,), strict=False)
     finally:
         for handle in handles:

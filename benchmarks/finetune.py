@@ -4,7 +4,9 @@ For each architecture in ``ARCHITECTURES`` (built for 32x32 inputs and 10 classe
 ``train_ghn.evaluate.OOD_ARCHITECTURES``): SGD with the recipe of examples/finetune.py (whose
 ``finetune`` this reuses) for a fixed number of steps from each init and each of ``--seeds`` (the seed
 fixes the batches, flips and any random init), then test accuracy in eval mode; the table reports the
-mean over seeds. Short runs differ by a point or two between seeds, so margins that small need several.
+mean over seeds and, with both inits, the per-seed GHN - default difference (mean and standard error; the
+two inits of a seed share batches and flips). Short runs differ by a point or two between seeds, so margins
+that small need several.
 Writes benchmarks/results/finetune.{json,png} and prints a markdown table (``--results-md`` also puts it
 into RESULTS.md). Runs found in an earlier JSON with the same recipe, split and thread count are kept
 (``--rerun`` repeats those of ``--inits``), per (architecture, init, seed): the default init's from any
@@ -178,12 +180,23 @@ def _row(name: str, inits: list[str], seeds: list[int], runs: dict) -> dict[str,
     for init in inits:
         per_seed = {str(s): {k: runs[(name, init, s)][k] for k in RUN_KEYS} for s in seeds}
         row[init] = {"accuracy": statistics.fmean(r["accuracy"] for r in per_seed.values()), "seeds": per_seed}
+    if set(INITS) <= set(inits) and len(seeds) > 1:
+        row["ghn_minus_default"] = _paired_difference([runs[(name, "ghn", s)]["accuracy"] -
+                                                       runs[(name, "default", s)]["accuracy"] for s in seeds])
     return row
+
+
+def _paired_difference(differences: list[float]) -> dict[str, float]:
+    """Mean and standard error of per-seed accuracy differences. Both inits of a seed see the same batches
+    and flips, so pairing removes the data-order part of the seed-to-seed spread."""
+    return {"mean": statistics.fmean(differences),
+            "standard_error": statistics.stdev(differences) / len(differences) ** 0.5}
 
 
 def _table(rows: dict, inits: list[str], means: dict, setup: dict, stem: str) -> str:
     recipe, seeds = setup["recipe"], setup["recipe"]["seeds"]
     several = len(seeds) > 1
+    paired = all("ghn_minus_default" in r for r in rows.values())
     seed_text = (f"seeds {', '.join(map(str, seeds))} (mean; each seed in parentheses)" if several
                  else f"seed {seeds[0]}")
     lines = [f"{describe_ghn(setup)}; {recipe['steps']} steps of {recipe['optimizer']}, "
@@ -192,8 +205,9 @@ def _table(rows: dict, inits: list[str], means: dict, setup: dict, stem: str) ->
              f"init; {setup['split']}, eval mode; "
              f"{setup['machine']['processor']}, torch threads {setup['machine']['torch_threads']}, "
              f"torch {setup['machine']['torch']}, timm {setup['machine']['timm']}.", "",
-             "| architecture | kwargs | params (M) | " + " | ".join(f"{i} init" for i in inits) + " |",
-             "|---|---|---|" + "---|" * len(inits)]
+             "| architecture | kwargs | params (M) | " + " | ".join(f"{i} init" for i in inits)
+             + (" | ghn - default, paired (points, mean ± s.e.) |" if paired else " |"),
+             "|---|---|---|" + "---|" * (len(inits) + paired)]
     for name, r in rows.items():
         best = max(r[i]["accuracy"] for i in inits)
         cells = []
@@ -203,8 +217,11 @@ def _table(rows: dict, inits: list[str], means: dict, setup: dict, stem: str) ->
             if several:
                 cell += " (" + " / ".join(f"{run['accuracy']:.1%}" for run in r[init]["seeds"].values()) + ")"
             cells.append(cell)
+        if paired:
+            diff = r["ghn_minus_default"]
+            cells.append(f"{100 * diff['mean']:+.1f} ± {100 * diff['standard_error']:.1f}")
         lines.append(f"| {name} | `{json.dumps(r['kwargs'])}` | {r['params_m']} | " + " | ".join(cells) + " |")
-    lines.append("| **mean** | | | " + " | ".join(f"{means[i]:.1%}" for i in inits) + " |")
+    lines.append("| **mean** | | | " + " | ".join(f"{means[i]:.1%}" for i in inits) + " |" + " |" * paired)
     seed_args = f" --seeds {' '.join(map(str, seeds))}" if seeds != [0] else ""
     lines += ["", f"`python benchmarks/finetune.py --inits {' '.join(inits)}{seed_args}` -> "
               f"`benchmarks/results/{stem}.json`, `{stem}.png`"]

@@ -1,9 +1,11 @@
-"""benchmarks/finetune.py's job processes end with the benchmark, however it was stopped."""
+"""benchmarks/finetune.py: job processes end with the benchmark, and the table pairs the two inits per seed."""
 
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -39,3 +41,21 @@ def test_job_process_exits_when_the_benchmark_is_killed():
     while _running(job) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(job), f"job process {job} outlived the killed benchmark process"
+
+
+def test_table_reports_the_paired_per_seed_difference(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import finetune
+
+    accuracy = {("ghn", 0): 0.46, ("ghn", 1): 0.40, ("default", 0): 0.40, ("default", 1): 0.38}
+    runs = {("resnet18", init, seed): {"accuracy": acc, "train_s": 1.0, "loss_curve": [], "params_m": 11.18}
+            for (init, seed), acc in accuracy.items()}
+    row = finetune._row("resnet18", ["ghn", "default"], [0, 1], runs)
+    assert row["ghn_minus_default"]["mean"] == pytest.approx(0.04)  # (0.06 + 0.02) / 2
+    assert row["ghn_minus_default"]["standard_error"] == pytest.approx(0.02)  # stdev 0.0283 / sqrt(2)
+    setup = {"recipe": {"seeds": [0, 1], "steps": 200, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
+                        "lr": 0.05, "batch_size": 64},
+             "split": "balanced", "machine": {"processor": "x86_64", "torch_threads": 1, "torch": "2", "timm": "1"}}
+    monkeypatch.setattr(finetune, "describe_ghn", lambda setup: "GHN")
+    table = finetune._table({"resnet18": row}, ["ghn", "default"], {"ghn": 0.43, "default": 0.39}, setup, "finetune")
+    assert "| +4.0 ± 2.0 |" in table and "ghn - default, paired" in table

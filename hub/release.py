@@ -3,14 +3,14 @@
     python hub/release.py runs/stage3/final --name ghn2-cifar10 \
         --earlier runs/stage1/final runs/stage2/final \
         --evaluation benchmarks/results/default_ghn_quality.json benchmarks/results/default_ghn_quality_full.json \
-        [--push-to-hub ORG/REPO]
+        --finetune benchmarks/results/finetune.json [--push-to-hub ORG/REPO]
 
 The folder gets the GHN's config.json and model.safetensors and a model card stating its data,
 its training stages and compute, and the accuracies in the given evaluation JSON files (written by
 ``benchmarks/default_ghn_quality.py``): as tables, and as the card's ``model-index`` metadata, which
-the Hub shows. The results are also kept in config.json (``evaluation``), so a later
-``ghn_init.hub.push_to_hub`` of the loaded GHN writes the same metadata. ``hub/ghn2-cifar10`` is the
-embedded default GHN.
+the Hub shows; with ``--finetune``, also the fine-tuning benchmark's table (card only). The quality
+results are also kept in config.json (``evaluation``), so a later ``ghn_init.hub.push_to_hub`` of the
+loaded GHN writes the same metadata. ``hub/ghn2-cifar10`` is the embedded default GHN.
 """
 
 from __future__ import annotations
@@ -49,6 +49,34 @@ def evaluation_markdown(paths: list[Path]) -> str:
     return "\n".join(parts)
 
 
+def finetune_markdown(path: Path) -> str:
+    """The fine-tuning benchmark's table (GHN init against timm's init, paired per seed) and which init to
+    start from per architecture: where the paired difference is negative beyond two standard errors,
+    timm's own init measured better."""
+    result = json.loads(path.read_text())
+    recipe = result["setup"]["recipe"]
+    lines = [f"CIFAR-10, {recipe['steps']} steps of SGD (peak lr {recipe['lr']}, one-cycle, batch "
+             f"{recipe['batch_size']}) from the predicted weights and from timm's default init, same batches; "
+             f"{result['setup']['split']}; mean of seeds {', '.join(map(str, recipe['seeds']))}.", "",
+             "| architecture | timm kwargs | GHN init | timm default init | GHN - default, paired (points) |",
+             "|---|---|---|---|---|"]
+    worse, level = [], []
+    for name, row in result["architectures"].items():
+        diff = row["ghn_minus_default"]
+        mean, error = 100 * diff["mean"], 100 * diff["standard_error"]
+        lines.append(f"| {name} | `{json.dumps(row['kwargs'])}` | {row['ghn']['accuracy']:.1%} | "
+                     f"{row['default']['accuracy']:.1%} | {mean:+.1f} ± {error:.1f} |")
+        if mean + 2 * error < 0:
+            worse.append(name)
+        elif mean - 2 * error <= 0:
+            level.append(name)
+    seeds = " ".join(map(str, recipe["seeds"]))
+    lines += ["", f"Level within two standard errors: {', '.join(level) or 'none'}. Better started from timm's own "
+              f"init: {', '.join(worse) or 'none'}.", "",
+              f"Reproduce: `python benchmarks/finetune.py --inits ghn default --seeds {seeds}`.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ghn", type=Path, help="folder of the trained GHN (a run's final/)")
@@ -56,6 +84,7 @@ def main() -> None:
     parser.add_argument("--earlier", type=Path, nargs="*", default=[],
                         help="GHN folders of earlier training stages whose runs this one continued, oldest first")
     parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="benchmark JSON files")
+    parser.add_argument("--finetune", type=Path, help="JSON of benchmarks/finetune.py with both inits and seeds")
     parser.add_argument("--notes", type=Path, help="markdown file appended to the card under 'Notes'")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the release folder to this Hub repo")
     args = parser.parse_args()
@@ -68,6 +97,8 @@ def main() -> None:
         ghn.meta["evaluation"] = [json.loads(path.read_text()) for path in args.evaluation]
     card = ghn_card(ghn, evaluation_markdown(args.evaluation) if args.evaluation else None,
                     repo_id=args.push_to_hub)
+    if args.finetune:
+        card += "\n## Fine-tuning from the predicted weights\n\n" + finetune_markdown(args.finetune)
     if args.notes:
         card += "\n## Notes\n\n" + args.notes.read_text().strip() + "\n"
     folder = ghn.save_pretrained(HUB / args.name, model_card=card)

@@ -54,6 +54,10 @@ def finetune_markdown(path: Path) -> str:
     start from per architecture: where the paired difference is negative beyond two standard errors,
     timm's own init measured better."""
     result = json.loads(path.read_text())
+    unpaired = [name for name, row in result["architectures"].items() if "ghn_minus_default" not in row]
+    if unpaired:
+        raise SystemExit(f"{path}: no paired GHN - default difference for {', '.join(unpaired)}; run "
+                         "`python benchmarks/finetune.py --inits ghn default --seeds 0 1 2` first")
     recipe = result["setup"]["recipe"]
     lines = [f"CIFAR-10, {recipe['steps']} steps of SGD (peak lr {recipe['lr']}, one-cycle, batch "
              f"{recipe['batch_size']}) from the predicted weights and from timm's default init, same batches; "

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 RELEASE = Path(__file__).resolve().parents[1] / "hub" / "release.py"
 
 
@@ -32,3 +34,11 @@ def test_finetune_section_says_where_timm_init_measured_better(tmp_path):
     assert "Level within two standard errors: vit_tiny_patch16_224." in text
     assert "Better started from timm's own init: mixer_s16_224." in text
     assert "--seeds 0 1 2" in text
+
+
+def test_finetune_section_needs_both_inits_over_several_seeds(tmp_path):
+    row = {"kwargs": {}, "ghn": {"accuracy": 0.46}}
+    path = tmp_path / "finetune.json"
+    path.write_text(json.dumps({"setup": {"recipe": {"seeds": [0]}}, "architectures": {"resnet18": row}}))
+    with pytest.raises(SystemExit, match="resnet18.*--inits ghn default --seeds"):
+        _release().finetune_markdown(path)

@@ -1,6 +1,7 @@
-"""Shared test setup: offline, one thread, and a marker for tests that need CIFAR-10."""
+"""Shared test setup: offline, one thread, and markers for tests that need ``GHN_INIT_DATA`` or the reference fixtures."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -12,14 +13,29 @@ from train_ghn.data import data_root  # noqa: E402
 torch.set_num_threads(1)
 
 
+def reference_fixtures_dir() -> Path:
+    """The authors' GHN-2/GHN-3 reference outputs: ``$GHN_INIT_FIXTURES``, else ``../shared/fixtures/ghn-reference``."""
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "ghn-reference"
+    return Path(os.environ.get("GHN_INIT_FIXTURES", default))
+
+
 def pytest_collection_modifyitems(config, items):
     npz = data_root() / "cifar10" / "cifar10-jpeg75.npz"
-    if npz.is_file():
-        return
-    skip = pytest.mark.skip(reason=f"CIFAR-10 copy not found at {npz}; set GHN_INIT_DATA")
+    fixtures = reference_fixtures_dir() / "manifest.json"
+    missing = {
+        "data": None if npz.is_file() else f"CIFAR-10 copy not found at {npz}; set GHN_INIT_DATA",
+        "fixtures": None if fixtures.is_file() else f"GHN reference fixtures not found at {fixtures.parent}; "
+                                                      "set GHN_INIT_FIXTURES",
+    }
     for item in items:
-        if "data" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in missing.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def reference_fixtures() -> Path:
+    return reference_fixtures_dir()
 
 
 @pytest.fixture(scope="session")

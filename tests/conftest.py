@@ -1,4 +1,4 @@
-"""Shared test setup: offline, one thread, and markers for tests that need ``GHN_INIT_DATA`` or the reference fixtures."""
+"""Shared test setup: offline, one thread, markers for tests that need CIFAR-10 or the reference fixtures."""
 
 import os
 from pathlib import Path

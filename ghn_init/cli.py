@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,24 @@ def _predict(args: argparse.Namespace) -> None:
 
         url = push_predicted(out, args.push_to_hub, private=args.private or None)
         print(f"pushed to {url}: load it with timm.create_model('hf-hub:{args.push_to_hub}', pretrained=True)")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .hub import load
+    from .published.ghn import PublishedGHN
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose another --out or pass --overwrite")
+    ghn = load(args.src, revision=args.revision, filename=args.filename)
+    if not isinstance(ghn, PublishedGHN):
+        raise ValueError(f"{args.src} is already a ghn-init GHN (safetensors + JSON); there is nothing to convert")
+    ghn.save_pretrained(out, model_card=ghn.model_card(load_ref=str(out)))
+    print(f"wrote {out} ({ghn.meta['name']}, sha256 of the original {ghn.meta['source']['sha256'][:16]}...): "
+          f"load it with ghn_init.load('{out}')")
+    if args.push_to_hub:
+        url = ghn.push_to_hub(args.push_to_hub, private=args.private or None)
+        print(f"pushed to {url}: load it with ghn_init.load('{args.push_to_hub}')")
 
 
 def _graph(args: argparse.Namespace) -> None:
@@ -101,13 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--img-size", type=int, help="input size; passed to models that take img_size")
     predict.add_argument("--kwarg", type=_kwarg, action="append", default=[], metavar="KEY=VALUE",
                          help="extra timm.create_model kwarg (repeatable; VALUE parsed as JSON where possible)")
-    predict.add_argument("--ghn", help="GHN: a local folder or Hub repo id (default: the embedded GHN)")
+    predict.add_argument("--ghn", help="GHN: a local folder, a Hub repo id, a published GHN (ghn3-t, ..., ghn2) "
+                                       "or a published file (default: the embedded GHN)")
     predict.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     predict.add_argument("--push-to-hub", metavar="REPO_ID",
                          help="then upload the folder to this Hub model repo (created if missing; uses your HF login)")
     predict.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
     predict.set_defaults(run=_predict)
+
+    convert = sub.add_parser("convert", help="convert a published GHN-2/GHN-3 checkpoint to safetensors + JSON")
+    convert.add_argument("src", help="a published GHN: ghn3-t, ghn3-s, ghn3-l, ghn3-xl, ghn2, a local file "
+                                     "(e.g. ppuda's ghn2_cifar10.pt), or a Hub repo id with --filename")
+    convert.add_argument("--filename", help="file in the Hub repo SRC, e.g. ghn3tm8.pt")
+    convert.add_argument("--revision", help="Hub branch, tag or commit of SRC (default: main)")
+    convert.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    convert.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the converted GHN to this Hub repo")
+    convert.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
+    convert.set_defaults(run=_convert)
 
     graph = sub.add_parser("graph", help="write the architecture graph of a timm model")
     graph.add_argument("model")
@@ -148,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, pickle.UnpicklingError) as err:
         print(f"ghn-init {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

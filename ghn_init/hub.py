@@ -15,17 +15,22 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 
 from .ghn import GHN, GHNConfig
 from .graph import OP_TYPES, ROLES
+
+if TYPE_CHECKING:
+    from .published.ghn import PublishedGHN
+    from .published.release import PublishedRelease
 
 __all__ = ["CONFIG_NAME", "DEFAULT_NAME", "GHNNotFoundError", "WEIGHTS_NAME", "content_hash", "load",
            "load_folder", "push_folder", "push_predicted", "push_to_hub", "save_pretrained", "staged_folder"]
@@ -95,7 +100,7 @@ def save_pretrained(ghn: GHN, folder: str | os.PathLike, model_card: str | None 
     return Path(folder)
 
 
-def load_folder(folder: str | os.PathLike) -> GHN:
+def load_folder(folder: str | os.PathLike) -> GHN | PublishedGHN:
     """Load a GHN from a folder in the hub layout; strict about tensors and vocabulary."""
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
@@ -103,6 +108,10 @@ def load_folder(folder: str | os.PathLike) -> GHN:
         if not path.is_file():
             raise GHNNotFoundError(f"{folder} is not a GHN folder: {path.name} is missing")
     config: dict[str, Any] = json.loads(config_path.read_text())
+    if config.get("model_type") == "ghn-published":
+        from .published.ghn import load_published_folder
+
+        return load_published_folder(folder, config, weights_path)
     if config.get("model_type") != "ghn":
         raise ValueError(f"{config_path} does not describe a GHN (model_type={config.get('model_type')!r})")
     saved_ops = tuple(config.get("op_types", ()))
@@ -136,29 +145,71 @@ def _default_folder() -> Path:
 
 
 def load(ref: str | os.PathLike | None = None, revision: str | None = None, *,
-         token: str | bool | None = None) -> GHN:
-    """The embedded default (``ref=None`` or its name), a local folder, or a Hub repo id.
+         token: str | bool | None = None, filename: str | None = None) -> GHN | PublishedGHN:
+    """The embedded default (``ref=None`` or its name), a local folder, a Hub repo id, or a published GHN.
 
+    Published GHN-2/GHN-3 files load by short name (``"ghn3-t"``, ``"ghn3-s"``, ``"ghn3-l"``,
+    ``"ghn3-xl"``, ``"ghn2"``), as a Hub repo plus ``filename`` (``load("SamsungSAILMontreal/ghn3",
+    filename="ghn3tm8.pt")``) or as a local file (ppuda's ``ghn2_cifar10.pt``); they are read with an
+    allow-list unpickler, and ``ghn-init convert`` turns them into a safetensors folder once.
     Hub repos go through huggingface_hub's cache, so ``HF_HUB_OFFLINE=1`` and pinned
     ``revision`` behave as everywhere on the Hub. Transient Hub failures (5xx, 429, refused
     connections) are retried a few times with backoff, which huggingface_hub does not do for
     every request.
     """
+    from .published.release import PUBLISHED_GHNS
+
     if ref is None or str(ref) == DEFAULT_NAME:
         return load_folder(_default_folder())
+    release = PUBLISHED_GHNS.get(str(ref)) if filename is None else None
+    if release is not None:
+        ref, filename = release.repo_id, release.filename
     path = Path(ref)
-    if path.is_dir():
+    if filename is None and path.is_file():
+        from .published.ghn import PublishedGHN
+
+        return PublishedGHN.from_file(path)
+    if filename is None and path.is_dir():
         return load_folder(path)
     try:
+        if filename is not None:
+            return _load_published(str(ref), filename, revision, token, release)
         snapshot = _download(str(ref), revision, token)
     except Exception as err:  # every Hub failure becomes one actionable line of the report
-        tried = [f"local folder {path.resolve()}: does not exist",
-                 f"Hub repo {ref}@{revision or 'main'}: {_explain(err, str(ref), revision)}"]
+        if not _is_hub_error(err):
+            raise
+        what = f"file {filename} of Hub repo {ref}" if filename else f"Hub repo {ref}"
+        tried = [f"local path {path.resolve()}: does not exist",
+                 f"{what}@{revision or 'main'}: {_explain(err, str(ref), revision)}"]
+        published = ", ".join(PUBLISHED_GHNS)
         raise GHNNotFoundError(
             f"no GHN found for {str(ref)!r}. Tried:\n  - " + "\n  - ".join(tried)
-            + f"\nUse a folder with {CONFIG_NAME} and {WEIGHTS_NAME}, a Hub repo id, or None for the default."
+            + f"\nUse a folder with {CONFIG_NAME} and {WEIGHTS_NAME}, a Hub repo id, a published GHN "
+            f"({published}), or None for the default."
         ) from err
     return load_folder(snapshot)
+
+
+def _is_hub_error(err: BaseException) -> bool:
+    """Failures of finding or fetching (reported as "not found"), as opposed to a file that was found but is bad."""
+    from .published.formats import CheckpointFormatError
+
+    return not isinstance(err, (CheckpointFormatError, pickle.UnpicklingError))
+
+
+def _load_published(repo_id: str, filename: str, revision: str | None, token: str | bool | None,
+                    release: PublishedRelease | None) -> PublishedGHN:
+    """A published GHN file from a Hub repo, through the Hub cache, read with the allow-list unpickler."""
+    from huggingface_hub import hf_hub_download
+
+    from .published.formats import read_checkpoint
+    from .published.ghn import PublishedGHN
+
+    file = _with_retries(repo_id, lambda: hf_hub_download(repo_id, filename, revision=revision, token=token))
+    kwargs: dict[str, Any] = {"repo_id": repo_id, "revision": revision}
+    if release is not None:
+        kwargs.update(title=release.title, paper=release.paper, license=release.license, notes=release.notes)
+    return PublishedGHN.from_checkpoint(read_checkpoint(file), **kwargs)
 
 
 #: Attempts and first wait (doubled after each failure) of :func:`load` on transient Hub failures.
@@ -167,17 +218,14 @@ HUB_RETRY_WAIT_S = 1.0
 _TRANSIENT_STATUS = (429, 500, 502, 503, 504)
 
 
-def _download(repo_id: str, revision: str | None, token: str | bool | None) -> Path:
-    """``snapshot_download`` of the GHN files, retried on transient failures; checks the files are there."""
-    from huggingface_hub import snapshot_download
+def _with_retries(repo_id: str, fetch: Any) -> Path:
+    """``fetch()`` from the Hub, retried with backoff on transient failures."""
     from huggingface_hub.utils import validate_repo_id
 
     validate_repo_id(repo_id)
     for attempt in range(1, HUB_ATTEMPTS + 1):
         try:
-            snapshot = Path(snapshot_download(repo_id, revision=revision, token=token,
-                                              allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
-            break
+            return Path(fetch())
         except Exception as err:
             if attempt == HUB_ATTEMPTS or not _is_transient(err):
                 raise
@@ -185,6 +233,15 @@ def _download(repo_id: str, revision: str | None, token: str | bool | None) -> P
             logger.warning("Hub repo %s: %s; retrying in %.1f s (attempt %d of %d)", repo_id,
                            _first_line(err), wait, attempt + 1, HUB_ATTEMPTS)
             time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _download(repo_id: str, revision: str | None, token: str | bool | None) -> Path:
+    """``snapshot_download`` of the GHN files, retried on transient failures; checks the files are there."""
+    from huggingface_hub import snapshot_download
+
+    snapshot = _with_retries(repo_id, lambda: snapshot_download(
+        repo_id, revision=revision, token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (snapshot / name).is_file()]
     if missing:
         raise GHNNotFoundError(f"the repo has no {' and no '.join(missing)} at commit {snapshot.name}")

@@ -80,6 +80,8 @@ def pretrained_cfg(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Any
         input_size = (input_size[0], model_size, model_size)
     elif data.get("input_size") and not base.fixed_input_size:
         input_size = (input_size[0], *data["input_size"][1:])
+    if timm_kwargs.get("in_chans") is not None:  # the stem was predicted for these channels: nothing to adapt
+        input_size = (timm_kwargs["in_chans"], *input_size[1:])
     return dataclasses.replace(
         base, file=str(file), url="", hf_hub_id=None, hf_hub_filename=None, source=None, state_dict=None,
         tag="ghn", license=None, paper_ids=None, paper_name=None, origin_url=None, notes=None, custom_load=False,

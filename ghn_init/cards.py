@@ -11,6 +11,7 @@ to name a Hub repo, which an architecture is not).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -28,10 +29,15 @@ INSTALL = ("Install ghn-init from its source checkout with `pip install .` (a vi
 
 def architecture_has_batchnorm(name: str, kwargs: dict[str, Any]) -> bool | None:
     """Whether timm's ``name`` built with ``kwargs`` has BatchNorm; None when it cannot be built here."""
+    return _has_batchnorm(name, json.dumps(kwargs, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _has_batchnorm(name: str, kwargs_json: str) -> bool | None:
     from .export import create_meta_model, has_batchnorm
 
     try:
-        model, _ = create_meta_model(name, **kwargs)
+        model, _ = create_meta_model(name, **json.loads(kwargs_json))
     except ValueError:
         return None
     return has_batchnorm(model)

@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def _results_table(result: dict[str, Any]) -> str:
     """``ghn-init eval`` results as a plain-text table: accuracy per architecture, then the mean."""
     rows = result["architectures"]
     steps = list(next(iter(rows.values()), {}).get("sgd", {}))
-    header = ["architecture", "GHN, BN recalibrated", "GHN, batch stats", "default init"]
+    header = ["architecture", "GHN, eval mode", "GHN, train mode", "default init"]
     header += [f"{init} + {k} SGD" for k in steps for init in ("default", "GHN")]
     table = [header]
     for name, row in rows.items():
@@ -131,7 +132,9 @@ def _eval(args: argparse.Namespace) -> None:
         argv += [f"--{flag.replace('_', '-')}", str(value)] if value is not None else []
     argv += ["--full"] if args.full else []
     result = evaluate(argv)
-    print(f"CIFAR-10 {result['setup']['split']}, accuracy of predicted weights (GHN) and timm's default init:")
+    print(f"CIFAR-10 {result['setup']['split']}: accuracy of predicted weights (GHN) and timm's default init in "
+          f"eval mode, after recalibrating BatchNorm (where a model has it) on {args.calibrate_bn} train images, "
+          "and in train mode (batch statistics)")
     print(_results_table(result))
 
 
@@ -237,15 +240,13 @@ def _sigterm_as_interrupt() -> Iterator[dict[str, int]]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread: signals are not ours to handle
-        yield received
-        return
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may handle signals
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _message(err: BaseException) -> str:

@@ -53,7 +53,7 @@ def similar_models(name: str, limit: int = 5) -> list[str]:
     return list(dict.fromkeys([*typos, *(n for n in names if name and name in n)]))[:limit]
 
 
-def create_meta_model(name: str, num_classes: int | None = None, img_size: int | None = None,
+def create_meta_model(name: str, num_classes: int | None = None, img_size: int | Sequence[int] | None = None,
                       **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     """``timm.create_model`` on the meta device; returns the model and the kwargs that rebuild it.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import importlib
 import json
@@ -19,10 +20,11 @@ import pickle
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import safetensors
 import safetensors.torch
 
 from .ghn import GHN, GHNConfig
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
     from .published.ghn import PublishedGHN
     from .published.release import PublishedRelease
 
-__all__ = ["CONFIG_NAME", "DEFAULT_NAME", "GHNNotFoundError", "WEIGHTS_NAME", "content_hash", "load",
-           "load_folder", "push_folder", "push_predicted", "push_to_hub", "save_pretrained", "staged_folder"]
+__all__ = ["CONFIG_NAME", "DEFAULT_NAME", "GHNNotFoundError", "WEIGHTS_NAME", "content_hash", "load", "load_folder",
+           "push_folder", "push_predicted", "push_to_hub", "remove_stale", "save_pretrained", "staged_folder"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -58,15 +60,67 @@ def content_hash(ghn: GHN) -> str:
     return digest.hexdigest()
 
 
+#: Leftovers of a writer whose process still runs are swept anyway once this old (the PID may have been reused).
+STALE_AFTER_S = 24 * 3600
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _last_modified(path: Path) -> float:
+    """Newest mtime of ``path`` and, for a folder, its files (a folder's own mtime stops while a file grows)."""
+    times = [path.stat().st_mtime]
+    if path.is_dir():
+        times += [child.stat().st_mtime for child in path.iterdir()]
+    return max(times)
+
+
+def remove_stale(candidates: Iterable[Path], base: str | None = None) -> list[Path]:
+    """Delete leftovers named ``<base>.<pid>.<tail>`` whose writing process is gone or that are older than a day.
+
+    Staging folders and ``.partial`` files carry the writer's PID, so a run killed outright (SIGKILL,
+    a plain ``kill`` of a library caller, a power cut) is cleaned up by the next run that writes there.
+    """
+    removed = []
+    for path in candidates:
+        parts = path.name.rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or (base is not None and parts[0] != base):
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid():
+            continue
+        try:
+            if _process_alive(pid) and time.time() - _last_modified(path) < STALE_AFTER_S:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # another process swept it first
+            continue
+        logger.info("removed %s, left behind by process %d", path, pid)
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty sibling folder to write into; it replaces ``folder`` only if the block succeeds.
 
-    A failure part-way leaves neither partial files nor a half-replaced folder behind.
+    A failure part-way (an exception, Ctrl-C, or SIGTERM in the ``ghn-init`` command) leaves neither
+    partial files nor a half-replaced folder behind; staging folders of killed processes are swept here.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    remove_stale(folder.parent.glob(f".{glob.escape(folder.name)}.*"), base=f".{folder.name}")
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", dir=folder.parent))
     try:
         yield staging
         staging.chmod(0o755)
@@ -107,13 +161,18 @@ def load_folder(folder: str | os.PathLike) -> GHN | PublishedGHN:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise GHNNotFoundError(f"{folder} is not a GHN folder: {path.name} is missing")
-    config: dict[str, Any] = json.loads(config_path.read_text())
-    if config.get("model_type") == "ghn-published":
+    try:
+        config: dict[str, Any] = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); restore it, e.g. download or save the GHN "
+                         "again") from err
+    if isinstance(config, dict) and config.get("model_type") == "ghn-published":
         from .published.ghn import load_published_folder
 
         return load_published_folder(folder, config, weights_path)
-    if config.get("model_type") != "ghn":
-        raise ValueError(f"{config_path} does not describe a GHN (model_type={config.get('model_type')!r})")
+    if not isinstance(config, dict) or config.get("model_type") != "ghn":
+        kind = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path} does not describe a GHN (model_type={kind!r})")
     saved_ops = tuple(config.get("op_types", ()))
     if saved_ops != OP_TYPES[: len(saved_ops)]:
         raise ValueError(
@@ -123,7 +182,11 @@ def load_folder(folder: str | os.PathLike) -> GHN | PublishedGHN:
     ghn = GHN(GHNConfig.from_dict(config["ghn"]))
     structural = ("format_version", "model_type", "ghn", "op_types", "roles")
     ghn.meta = {k: v for k, v in config.items() if k not in structural}
-    state = safetensors.torch.load_file(weights_path)
+    try:
+        state = safetensors.torch.load_file(weights_path)
+    except (safetensors.SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({err}): it is truncated or damaged; "
+                         "download or save the GHN again") from err
     missing, unexpected = ghn.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -273,13 +336,28 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
+def _offline(err: BaseException) -> bool:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    return any(isinstance(e, OfflineModeIsEnabled) for e in _error_chain(err))
+
+
+def _unreachable(err: BaseException) -> bool:
+    """No answer from the Hub at all: refused, reset, timed out or unresolvable, in any HTTP client."""
+    classes: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module_name in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            classes.append(importlib.import_module(module_name).TransportError)
+    return any(isinstance(e, tuple(classes)) for e in _error_chain(err))
+
+
 def _is_transient(err: BaseException) -> bool:
     """Worth another try: a 5xx/429 answer or a refused connection, and not ``HF_HUB_OFFLINE`` at work."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError
 
-    chain = list(_error_chain(err))
-    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+    if _offline(err):
         return False
+    chain = list(_error_chain(err))
     for e in chain:
         if isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", None) in _TRANSIENT_STATUS:
             return True
@@ -345,6 +423,14 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, revision: str | None
         hint = ("log in with `hf auth login` (or pass token=...) as a user with write access to it"
                 if status in (401, 403) else "check the repo id and your network, then push again")
         raise RuntimeError(f"could not push {folder} to the Hub repo {repo_id}: {_first_line(err)}; {hint}") from err
+    except Exception as err:
+        if _offline(err):
+            raise RuntimeError(f"could not push {folder} to the Hub repo {repo_id}: HF_HUB_OFFLINE=1 forbids "
+                               "uploads; unset it and push again") from err
+        if _unreachable(err):
+            raise RuntimeError(f"could not push {folder} to the Hub repo {repo_id}: the Hub did not answer "
+                               f"({_first_line(err)}); check your network and HF_ENDPOINT, then push again") from err
+        raise
     logger.info("pushed %s to %s", folder, info.commit_url)
     return info.commit_url
 

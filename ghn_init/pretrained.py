@@ -22,7 +22,7 @@ from torch import nn
 from . import __version__
 from .export import create_meta_model, input_size_for, write_predicted
 from .ghn import GHN
-from .hub import content_hash, load
+from .hub import content_hash, load, remove_stale
 
 __all__ = ["cache_dir", "create_model", "predicted_file", "pretrained_cfg"]
 
@@ -40,7 +40,11 @@ def _kwargs_key(kwargs: dict[str, Any]) -> str:
 
 
 def predicted_file(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Path:
-    """Path of the predicted safetensors for ``timm.create_model(name, **timm_kwargs)``, made on first use."""
+    """Path of the predicted safetensors for ``timm.create_model(name, **timm_kwargs)``, made on first use.
+
+    The file is written under a name with this process's ID and renamed when complete; ``.partial`` files
+    of processes that were killed are removed here.
+    """
     ghn = ghn or load()
     ghn_hash = content_hash(ghn)
     # The library version is in the key: a release that changes how tensors are made from a GHN must
@@ -55,6 +59,7 @@ def predicted_file(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Pat
     if timm_kwargs.get("in_chans") is not None:  # older timm sets no model.in_chans to read them from
         input_size = (timm_kwargs["in_chans"], *input_size[1:])
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent.glob("*.partial"))  # of processes killed while writing
     partial = path.with_suffix(f".{os.getpid()}.partial")
     try:
         write_predicted(ghn, model, input_size, partial,

@@ -332,8 +332,11 @@ def normalize(p: torch.Tensor, is_w: bool, shape: tuple[int, ...] | None = None)
 
 
 def not_predicted_reason(name: str, entry: ParamEntry | None, module: nn.Module | None, code: Code,
-                         weight_matched: bool) -> str:
-    """Why a parameter keeps its own value: what the published GHNs' graphs do not represent."""
+                         weight_matched: bool | None) -> str:
+    """Why a parameter keeps its own value: what the published GHNs' graphs do not represent.
+
+    ``weight_matched`` says whether the module's weight entry took a node (None: it offers none).
+    """
     attr = name.rsplit(".", 1)[-1]
     cls = type(module).__name__ if module is not None else "?"
     if attr == "layer_scale" or attr == "gamma" or attr.startswith("gamma_"):
@@ -347,8 +350,8 @@ def not_predicted_reason(name: str, entry: ParamEntry | None, module: nn.Module 
             return ("position embedding: the published builders represent only torchvision ViT's "
                     "pos_embedding, so no graph node holds it")
         return f"{cls}.{attr} is not a weight or bias the published GHNs' graphs represent"
-    if entry.is_w and not weight_matched and code == "ppuda" and attr in ("weight", "bias"):
+    if weight_matched is False and code == "ppuda" and attr in ("weight", "bias"):
         return f"no graph node for its module ({cls}); ppuda sets such parameters to None"
-    if not entry.is_w and weight_matched:
-        return f"its module's ({cls}) weight is a 2-D+ node, and the bias itself matched no graph node"
+    if weight_matched and not entry.is_w:
+        return f"its module's ({cls}) weight has a graph node but this bias has none"
     return f"no graph node for its module ({cls}), so the GHN does not predict it"

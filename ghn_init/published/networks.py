@@ -354,8 +354,9 @@ class PublishedNetwork(nn.Module):
             entry = by_name.get(name)
             module_name = name.rsplit(".", 1)[0] if "." in name else ""
             weight_key = weight_keys.get(module_name)
-            reasons[name] = not_predicted_reason(name, entry, modules.get(module_name), code,
-                                                 weight_matched=weight_key in assignment.matched_keys)
+            reasons[name] = not_predicted_reason(
+                name, entry, modules.get(module_name), code,
+                weight_matched=None if weight_key is None else weight_key in assignment.matched_keys)
         return reasons
 
     def _decode(self, x: torch.Tensor, key: tuple[int, ...], code: Code) -> torch.Tensor:

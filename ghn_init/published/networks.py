@@ -111,7 +111,7 @@ class _GatedGNN(nn.Module):
         out = []
         for s, d in zip(senders[order].split(counts), dist[order].split(counts)):
             real = d == 1
-            rows, weights = [s[real] * n_terms], [torch.ones(int(real.sum()), dtype=d.dtype)]
+            rows, weights = [s[real] * n_terms], [torch.ones_like(d[real])]
             if n_terms == 2:
                 rows.append(s * 2 + 1)
                 weights.append(1 / d)

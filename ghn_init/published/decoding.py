@@ -18,20 +18,17 @@ import bisect
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
-from typing import Literal
 
 import torch
 from torch import nn
 
+from .formats import Code
 from .legacy_graph import LegacyGraph
 
 __all__ = [
-    "Assignment", "Code", "DecodeError", "ParamEntry", "ShapeVocab", "Target", "assign_nodes", "group_key",
+    "Assignment", "DecodeError", "ParamEntry", "ShapeVocab", "Target", "assign_nodes", "group_key",
     "layered_parameters", "normalize", "tile",
 ]
-
-#: Whose code a prediction follows: GHN-3's (``ghn3``, also for GHN-2 weights run by it) or ppuda's.
-Code = Literal["ghn3", "ppuda"]
 
 _MATCH_SUFFIXES = (".weight", ".bias", "in_proj_weight", "in_proj_bias")
 _TOKENS = ("class_token", "cls_token", "dist_token", "reg_token")

@@ -25,7 +25,6 @@ from torch import nn
 
 from .decoding import (
     Assignment,
-    Code,
     DecodeError,
     ShapeVocab,
     Target,
@@ -34,6 +33,7 @@ from .decoding import (
     not_predicted_reason,
     tile,
 )
+from .formats import Code
 from .legacy_graph import LEGACY_OPS, LegacyGraph
 
 __all__ = ["GHN2Network", "GHN3Network", "PublishedNetwork", "build_network"]

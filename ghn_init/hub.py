@@ -242,7 +242,7 @@ def load(ref: str | os.PathLike | None = None, revision: str | None = None, *,
         if not _is_hub_error(err):
             raise
         what = f"file {filename} of Hub repo {ref}" if filename else f"Hub repo {ref}"
-        tried = [f"local path {path.resolve()}: does not exist",
+        tried = [f"local folder or file {path.resolve()}: does not exist",
                  f"{what}@{revision or 'main'}: {_explain(err, str(ref), revision)}"]
         published = ", ".join(PUBLISHED_GHNS)
         raise GHNNotFoundError(

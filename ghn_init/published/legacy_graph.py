@@ -138,6 +138,21 @@ class LegacyGraph:
         src, dst = torch.nonzero(self.dist, as_tuple=True)
         return [(int(s), int(d), int(self.dist[s, d])) for s, d in zip(src, dst)]
 
+    def parameter_names(self) -> set[str]:
+        """Names of the model parameters that nodes stand for; a bn/ln node also stands for its layer's bias.
+
+        A published GHN predicts these parameters and leaves every other one at its initial value.
+        """
+        names = set()
+        for node in self.nodes:
+            if node.module is None or node.info is None:
+                continue
+            name = node.info.name_for_matching.removeprefix(".")  # root-module parameters are named '.x'
+            names.add(name)
+            if node.op in ("bn", "ln") and name.endswith("weight"):
+                names.add(name[: -len("weight")] + "bias")
+        return names
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], builder: Builder) -> LegacyGraph:
         """From the JSON layout of ``graphs.<builder>`` in the reference fixtures."""
@@ -346,7 +361,7 @@ class _CpuAttentionKernels(TorchFunctionMode):
     @staticmethod
     def _fused_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                        enable_gqa=False) -> torch.Tensor | None:
-        if query.device.type != "meta" or enable_gqa:
+        if query.device.type != "meta":
             return None
 
         def on_cpu(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -355,9 +370,10 @@ class _CpuAttentionKernels(TorchFunctionMode):
             return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).requires_grad_(t.requires_grad)
 
         choice = torch._fused_sdp_choice(on_cpu(query), on_cpu(key), on_cpu(value), on_cpu(attn_mask),
-                                         dropout_p, is_causal, scale=scale)
+                                         dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         if choice != SDPBackend.FLASH_ATTENTION.value:
             return None
+        # the CPU flash kernel takes grouped-query heads as they are, and boolean masks as -inf/0
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                 attn_mask.logical_not(), float("-inf"))

@@ -23,8 +23,8 @@ from .ghn import GHN, norm_statistics
 from .hub import DEFAULT_NAME, content_hash, staged_folder
 from .streaming import write_safetensors
 
-__all__ = ["create_meta_model", "has_batchnorm", "input_size_for", "save_predicted", "similar_models",
-           "write_predicted"]
+__all__ = ["create_meta_model", "create_target_model", "has_batchnorm", "input_size_for", "save_predicted",
+           "similar_models", "write_predicted"]
 
 #: Structural facts of the registry cfg that stay true for predicted weights.
 _STRUCTURAL_CFG_KEYS = ("first_conv", "classifier", "fixed_input_size")
@@ -79,6 +79,18 @@ def create_meta_model(name: str, num_classes: int | None = None, img_size: int |
         with parameters_on_meta():
             model = timm.create_model(name, **model_args)
     return model, model_args
+
+
+def create_target_model(name: str, ghn: Any, num_classes: int | None = None,
+                        img_size: int | Sequence[int] | None = None, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The model ``ghn`` predicts for: on the meta device when the GHN predicts every tensor, else built
+    on the CPU, since published GHNs keep some tensors (layer scales, class tokens) at the model's init."""
+    import timm
+
+    model, model_args = create_meta_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+    if getattr(ghn, "predicts_on_meta", True):
+        return model, model_args
+    return timm.create_model(name, **model_args), model_args
 
 
 @contextlib.contextmanager
@@ -190,7 +202,7 @@ def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: 
         _check_size("num_classes", num_classes)
     if img_size is not None:
         _check_size("img_size", img_size, pair=True)
-    model, model_args = create_meta_model(name, num_classes=num_classes, img_size=img_size, **model_kwargs)
+    model, model_args = create_target_model(name, ghn, num_classes=num_classes, img_size=img_size, **model_kwargs)
     input_size = input_size_for(model, ghn, img_size)
     ghn_name = ghn.meta.get("name", DEFAULT_NAME)
     ghn_hash = content_hash(ghn)

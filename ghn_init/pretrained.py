@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from . import __version__
-from .export import create_meta_model, input_size_for, write_predicted
+from .export import create_target_model, input_size_for, write_predicted
 from .ghn import GHN
 from .hub import content_hash, load, remove_stale
 
@@ -54,7 +54,7 @@ def predicted_file(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Pat
     if path.is_file():
         return path
     kwargs = dict(timm_kwargs)
-    model, _ = create_meta_model(name, num_classes=kwargs.pop("num_classes", None), **kwargs)
+    model, _ = create_target_model(name, ghn, num_classes=kwargs.pop("num_classes", None), **kwargs)
     input_size = input_size_for(model, ghn, timm_kwargs.get("img_size"))
     if timm_kwargs.get("in_chans") is not None:  # older timm sets no model.in_chans to read them from
         input_size = (timm_kwargs["in_chans"], *input_size[1:])

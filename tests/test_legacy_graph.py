@@ -6,7 +6,7 @@ import random
 import pytest
 import timm
 import torch
-import torchvision
+from published_cases import fixture_model
 from torch import nn
 from torch.nn import functional as F
 
@@ -37,36 +37,9 @@ FIXTURE_GRAPHS = [
 ]
 
 
-def adjust_for_cifar(model: nn.Module) -> nn.Module:
-    """What ppuda's ``adjust_net`` does to the fixtures' torchvision models for 32x32 inputs."""
-    model.expected_input_sz = 32
-    if isinstance(model, torchvision.models.ResNet):
-        conv = model.conv1  # centre 3x3 of the 7x7 stem, stride 1, and no max-pool
-        conv.weight = nn.Parameter(conv.weight.data[:, :, 2:-2, 2:-2])
-        conv.kernel_size, conv.padding, conv.stride = (3, 3), (1, 1), (1, 1)
-        model.maxpool = nn.Identity()
-    elif isinstance(model, torchvision.models.MobileNetV3):
-        for module in model.features[:5].modules():
-            if isinstance(module, nn.Conv2d):
-                module.stride = 1
-    elif isinstance(model, torchvision.models.ConvNeXt):
-        model.features[0][0].stride = 1
-    else:
-        raise NotImplementedError(type(model).__name__)
-    return model
-
-
-def fixture_model(source_model: str, key: str, device: str) -> nn.Module:
-    """The target model as the fixture generator built it (on ``device``)."""
+def _fixture_model(source_model: str, key: str, device: str) -> nn.Module:
     source, name = source_model.split("-", 1)
-    num_classes = 10 if key == "ppuda-cifar10" else 1000
-    torch.manual_seed(0)
-    if source == "timm":
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, device=device)
-    else:
-        with torch.device(device):
-            model = getattr(torchvision.models, name)(num_classes=num_classes)
-    return adjust_for_cifar(model) if key == "ppuda-cifar10" else model
+    return fixture_model(source, name, 10 if key == "ppuda-cifar10" else 1000, key == "ppuda-cifar10", device)
 
 
 @pytest.mark.fixtures
@@ -84,7 +57,7 @@ def test_official_graph_parity(reference_fixtures, source_model, key):
     ref = json.loads((reference_fixtures / "graphs" / f"{source_model}.json").read_text())["graphs"][key]
     builder = "ghn3" if key == "ghn3" else "ppuda"
     for device in ("cpu", "meta"):
-        graph = build_legacy_graph(fixture_model(source_model, key, device), builder).to_dict()
+        graph = build_legacy_graph(_fixture_model(source_model, key, device), builder).to_dict()
         assert graph["input_size"] == ref["input_size"]
         assert len(graph["nodes"]) == ref["n_nodes"], device
         for got, want in zip(graph["nodes"], ref["nodes"]):

@@ -10,39 +10,17 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-import torchvision
+from published_cases import CASES, RTOL, RUNS, check_prediction, fixture_model
 from torch import nn
 
 from ghn_init.published.decoding import ShapeVocab, group_key, tile
 from ghn_init.published.formats import read_checkpoint
 from ghn_init.published.legacy_graph import LegacyGraph, LegacyNode, NodeInfo
 from ghn_init.published.networks import GHN2Network, GHN3Network, PublishedNetwork, build_network
-
-RTOL = 1e-4
-
-# Every case the authors' code ran without error (``status: ok``) among the published fixture models.
-_GHN3_CASES = [("torchvision", m) for m in ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0",
-                                             "convnext_tiny", "vit_b_16")]
-_GHN3_CASES += [("timm", "resnet50"), ("timm", "swin_tiny_patch4_window7_224")]
-_PPUDA_CASES = [("torchvision", m) for m in ("resnet18", "resnet50", "mobilenet_v3_small", "convnext_tiny")]
-CASES = ([("ghn3-tm8-random", *c) for c in _GHN3_CASES]
-         + [("ghn2-imagenet-random.ghn3code", *c) for c in _GHN3_CASES]
-         + [("ghn2-imagenet-random", *c) for c in [*_PPUDA_CASES, ("timm", "resnet50")]]
-         + [("ghn2-cifar10-random", *c) for c in _PPUDA_CASES])
-
-# run -> (checkpoint file, code, graph builder, classes)
-RUNS = {
-    "ghn3-tm8-random": ("ghn3-tm8-random.joblib", "ghn3", "ghn3", 1000),
-    "ghn2-imagenet-random.ghn3code": ("ghn2-imagenet-random.pt", "ghn3", "ghn3", 1000),
-    "ghn2-imagenet-random": ("ghn2-imagenet-random.pt", "ppuda", "ppuda-imagenet", 1000),
-    "ghn2-cifar10-random": ("ghn2-cifar10-random.pt", "ppuda", "ppuda-cifar10", 10),
-}
 
 
 @functools.cache
@@ -59,51 +37,9 @@ def _network(folder: Path, run: str) -> PublishedNetwork:
     return network.eval()
 
 
-def _adjust_for_cifar(model: nn.Module) -> nn.Module:
-    """The shape-relevant part of ppuda's ``adjust_net(model)`` for 32x32 inputs: a torchvision ResNet's
-    stem becomes the centre 3x3 of its 7x7 conv at stride 1 without max-pool; MobileNet's first
-    blocks and ConvNeXt's stem lose their stride (no parameter changes)."""
-    if isinstance(model, torchvision.models.ResNet):
-        conv = model.conv1
-        conv.weight = nn.Parameter(conv.weight.detach()[:, :, 2:5, 2:5].clone())
-        conv.kernel_size, conv.padding, conv.stride = (3, 3), (1, 1), (1, 1)
-        model.maxpool = nn.Identity()
-    elif isinstance(model, torchvision.models.MobileNetV3):
-        for module in model.features[:5].modules():
-            if isinstance(module, nn.Conv2d):
-                module.stride = (1, 1)
-    elif isinstance(model, torchvision.models.ConvNeXt):
-        model.features[0][0].stride = (1, 1)
-    return model
-
-
 @functools.cache
 def _model(source: str, name: str, num_classes: int, cifar: bool) -> nn.Module:
-    """Built as the fixtures were: ``torch.manual_seed(0)``, then the library's constructor."""
-    torch.manual_seed(0)
-    if source == "torchvision":
-        model = getattr(torchvision.models, name)(num_classes=num_classes)
-    else:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    return _adjust_for_cifar(model) if cifar else model
-
-
-def _close(value: float, reference: float, scale: float) -> bool:
-    return abs(value - reference) <= RTOL * max(abs(reference), scale)
-
-
-def _check_tensor(name: str, tensor: torch.Tensor, ref: dict) -> None:
-    """Statistics and the sampled values within relative 1e-4. A signed sum can cancel, so it is judged
-    against the sum of magnitudes, and each value against the tensor's RMS as well as itself."""
-    assert list(tensor.shape) == ref["shape"], name
-    w = tensor.double().flatten()
-    rms = math.sqrt(ref["sum_sq"] / ref["numel"])
-    assert _close(w.sum().item(), ref["sum"], ref["sum_abs"]), (name, "sum", w.sum().item(), ref["sum"])
-    assert _close(w.square().sum().item(), ref["sum_sq"], 0.0), (name, "sum_sq")
-    assert _close(w.abs().sum().item(), ref["sum_abs"], 0.0), (name, "sum_abs")
-    values = w[ref["positions"]].tolist()
-    bad = [(p, v, r) for p, v, r in zip(ref["positions"], values, ref["values"]) if not _close(v, r, rms)]
-    assert not bad, (name, bad[:3])
+    return fixture_model(source, name, num_classes, cifar)
 
 
 @pytest.mark.fixtures
@@ -143,13 +79,8 @@ def test_matches_authors_code(reference_fixtures: Path, run: str, source: str, n
     predicted, kept = network.predict(model, graph, code=code)
     assert sorted(predicted) == sorted(p["name"] for p in ref["predicted"])
     assert sorted(kept) == sorted(p["name"] for p in ref["not_predicted"])
-    for entry in ref["predicted"]:
-        tensor = predicted[entry["name"]]
-        assert tensor.dtype == torch.float32 and tensor.device.type == "cpu"
-        if "random_part" in entry:  # ghn3's class-token row comes from the RNG; the rest must match
-            assert list(tensor.shape) == entry["shape"]
-            tensor, entry = tensor[:, 1:, :], entry["random_part"]["deterministic_part"]
-        _check_tensor(entry["name"], tensor, entry)
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in predicted.values())
+    check_prediction(predicted, ref)
 
 
 # ---------------------------------------------------------------- without fixtures

@@ -55,6 +55,10 @@ class PublishedConfig:
 class PublishedGHN(nn.Module):
     """A GHN-2 or GHN-3 from its authors' published files; see :func:`ghn_init.load`."""
 
+    #: Some tensors keep the model's own init (layer scales, class tokens), so their values must exist:
+    #: callers that build the target model (``ghn_init.create_model``, ``ghn-init predict``) build it on the CPU.
+    predicts_on_meta = False
+
     def __init__(self, config: PublishedConfig, meta: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.config = config
@@ -156,7 +160,8 @@ class PublishedGHN(nn.Module):
     # ------------------------------------------------------------------ life cycle
     def model_card(self, load_ref: str | None = None) -> str:
         """The Hub card: provenance, use (``ghn_init.load(load_ref)``), the authors' reported results."""
-        return published_card({**self.meta, **({"load_ref": load_ref} if load_ref else {})}, self.config.network)
+        meta = {**self.meta, **({"load_ref": load_ref} if load_ref else {})}
+        return published_card(meta, self.config.network, self.config.code)
 
     def save_pretrained(self, folder: str | os.PathLike, model_card: str | None = None) -> Path:
         """Write config.json, model.safetensors and README.md: the converted GHN, loadable with no pickle."""

@@ -17,10 +17,12 @@ GHN3_PAPER = ("Knyazev, Hwang, Lacoste-Julien. Can We Scale Transformers to Pred
               "Models? ICML 2023", "https://arxiv.org/abs/2303.04143")
 GHN2_PAPER = ("Knyazev, Drozdzal, Taylor, Romero-Soriano. Parameter Prediction for Unseen Deep Architectures. "
               "NeurIPS 2021", "https://arxiv.org/abs/2110.13100")
-_IMAGENET = {"dataset": "imagenet-1k", "input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
-             "std": [0.229, 0.224, 0.225], "interpolation": "bilinear", "crop_pct": 0.875}
-_CIFAR10 = {"dataset": "cifar10", "input_size": [3, 32, 32], "mean": [0.49139968, 0.48215827, 0.44653124],
-            "std": [0.24703233, 0.24348505, 0.26158768], "interpolation": "bilinear", "crop_pct": 1.0}
+_IMAGENET = {"dataset": "imagenet-1k", "num_classes": 1000, "input_size": [3, 224, 224],
+             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear",
+             "crop_pct": 0.875}
+_CIFAR10 = {"dataset": "cifar10", "num_classes": 10, "input_size": [3, 32, 32],
+            "mean": [0.49139968, 0.48215827, 0.44653124], "std": [0.24703233, 0.24348505, 0.26158768],
+            "interpolation": "bilinear", "crop_pct": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,7 @@ def data_config_for(num_classes: int) -> dict[str, Any]:
     return dict(_IMAGENET if num_classes >= 1000 else _CIFAR10)
 
 
-def published_card(meta: dict[str, Any], network_config: dict[str, Any]) -> str:
+def published_card(meta: dict[str, Any], network_config: dict[str, Any], code: str) -> str:
     """A Hub model card for a converted published GHN: provenance first, then use and the authors' results."""
     source = meta["source"]
     data = meta["data"]
@@ -90,7 +92,7 @@ def published_card(meta: dict[str, Any], network_config: dict[str, Any]) -> str:
         "and predict bit-identical weights; loading needs no pickle.",
         f"- Trained by the authors on {data['dataset']} at {data['input_size'][1]}x{data['input_size'][2]} pixels, "
         f"{network_config['num_classes']} classes.",
-        f"- Semantics: the `{meta['code']}` code base (graph builder, decoder crops and normalization follow it).",
+        f"- Semantics: the `{code}` code base (graph builder, decoder crops and normalization follow it).",
         f"- License: {meta.get('license', 'see the original repository')} (the authors' code and weights).", "",
         "## Use", "", "```bash", "pip install ghn-init", "```", "", "```python", "import ghn_init, timm",
         f'ghn = ghn_init.load("{meta.get("load_ref", "path/to/this/folder")}")',

@@ -1,8 +1,10 @@
 """Where GHNs live: the embedded default, a local folder, or a Hugging Face Hub repo; and how they get there.
 
 A GHN folder holds ``config.json`` (hyper-parameters, op vocabulary, the data it was trained
-on), ``model.safetensors`` and a ``README.md`` model card. Only safetensors and JSON are read:
-nothing is unpickled. Loading is strict: a missing or unexpected tensor is an error.
+on), ``model.safetensors`` and a ``README.md`` model card. Only safetensors and JSON are read from
+them: nothing is unpickled. Loading is strict: a missing or unexpected tensor is an error. The
+authors' published GHN-2/GHN-3 pickles are the one exception, read by an allow-list unpickler
+(:mod:`ghn_init.published.formats`) and converted to this layout once.
 :func:`push_to_hub` uploads a GHN, :func:`push_predicted` a folder of predicted weights.
 """
 

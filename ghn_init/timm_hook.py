@@ -42,8 +42,14 @@ class TimmHookError(RuntimeError):
     """A GHN was passed as timm's ``pretrained_cfg`` but this timm cannot be hooked to honour it."""
 
 
+def _is_ghn(value: Any) -> bool:
+    """A loaded GHN: ghn-init's own, or a published GHN-2/GHN-3 (whose module exists once one was loaded)."""
+    published = sys.modules.get(f"{__package__}.published.ghn")
+    return isinstance(value, GHN) or (published is not None and isinstance(value, published.PublishedGHN))
+
+
 def _is_ghn_value(value: Any) -> bool:
-    return isinstance(value, GHN) or value is sys.modules.get(__package__)
+    return _is_ghn(value) or value is sys.modules.get(__package__)
 
 
 def _predicting(create_fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -55,7 +61,7 @@ def _predicting(create_fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         from .pretrained import pretrained_cfg
 
         model_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_KWARGS}
-        cfg = pretrained_cfg(name, value if isinstance(value, GHN) else None, **model_kwargs)
+        cfg = pretrained_cfg(name, value if _is_ghn(value) else None, **model_kwargs)
         return create_fn(*args, **{**kwargs, "pretrained": True, "pretrained_cfg": cfg})
 
     return entrypoint

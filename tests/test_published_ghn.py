@@ -142,3 +142,11 @@ def test_timm_and_cli_paths_take_a_published_ghn(reference_fixtures, tmp_path, m
     assert config["num_classes"] == 10 and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items() if "running" not in k)
+
+
+def test_timm_one_liner_takes_a_published_ghn(reference_fixtures, tmp_path, monkeypatch):
+    monkeypatch.setenv("GHN_INIT_CACHE", str(tmp_path / "cache"))
+    ghn = _ghn(reference_fixtures, "ghn3-tm8-random")
+    model = timm.create_model("resnet18", pretrained_cfg=ghn, num_classes=10)
+    expected = ghn.predict(timm.create_model("resnet18", num_classes=10, device="meta"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items() if "running" not in k)

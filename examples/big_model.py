@@ -52,7 +52,15 @@ def empty_model(name: str, num_classes: int | None = None, img_size: int | None 
     """timm's ``name`` with parameters on the meta device and real constant buffers (index tables, masks)."""
     _, model_args = create_meta_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
     with init_empty_weights():
-        return timm.create_model(name, **model_args)
+        model = timm.create_model(name, **model_args)
+    saved = set(model.state_dict())
+    unknown = [key for key, buffer in model.named_buffers() if buffer.is_meta and key not in saved]
+    if unknown:
+        raise ValueError(f"{name}: constant buffers {unknown[:3]} are computed from the parameters' device at build "
+                         "time, so they stay on the meta device and no checkpoint holds them (Swin's attn_mask); "
+                         "this recipe cannot load the model: build it with timm.create_model and use ghn.apply_ "
+                         "if it fits in memory")
+    return model
 
 
 def repeated_block_classes(model: nn.Module) -> list[str]:

@@ -72,6 +72,11 @@ def test_repeated_blocks_are_never_split(example):
     assert example.repeated_block_classes(timm.create_model("convnext_atto", device="meta")) == ["ConvNeXtBlock"]
 
 
+def test_buffers_no_checkpoint_can_fill_are_named(example):
+    with pytest.raises(ValueError, match=r"swin_tiny_patch4_window7_224: constant buffers \['layers.0.blocks.1.attn"):
+        example.empty_model("swin_tiny_patch4_window7_224")
+
+
 def test_too_little_memory_names_the_largest_block(default_ghn, example, tmp_path):
     model = example.empty_model("resnet18", num_classes=10)
     index = write_predicted_shards(default_ghn, model, (3, 32, 32), tmp_path)

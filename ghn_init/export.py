@@ -21,10 +21,10 @@ from torch import nn
 from .cards import predicted_card
 from .ghn import GHN, norm_statistics
 from .hub import DEFAULT_NAME, content_hash, staged_folder
-from .streaming import write_safetensors
+from .streaming import write_safetensors, write_safetensors_shards
 
 __all__ = ["create_meta_model", "create_target_model", "has_batchnorm", "input_size_for", "save_predicted",
-           "similar_models", "write_predicted"]
+           "similar_models", "write_predicted", "write_predicted_shards"]
 
 #: Structural facts of the registry cfg that stay true for predicted weights.
 _STRUCTURAL_CFG_KEYS = ("first_conv", "classifier", "fixed_input_size")
@@ -134,6 +134,18 @@ def write_predicted(ghn: GHN, model: nn.Module, input_size: tuple[int, ...], pat
     """Stream ``ghn``'s prediction for ``model`` into a safetensors file, one tensor in memory at a time."""
     specs = {name: (ref.dtype, tuple(ref.shape)) for name, ref in model.state_dict().items()}
     return write_safetensors(path, specs, ghn.predict_tensors(model, input_size), metadata)
+
+
+def write_predicted_shards(ghn: GHN, model: nn.Module, input_size: tuple[int, ...], folder: str | os.PathLike,
+                           max_shard_size: int | str = "1GB", metadata: dict[str, str] | None = None) -> Path:
+    """Stream ``ghn``'s prediction for ``model`` into safetensors shards plus an index; returns the index path.
+
+    For models larger than memory: ``accelerate.load_checkpoint_and_dispatch`` reads a sharded
+    checkpoint one shard at a time, but a single file whole.
+    """
+    specs = {name: (ref.dtype, tuple(ref.shape)) for name, ref in model.state_dict().items()}
+    return write_safetensors_shards(folder, specs, ghn.predict_tensors(model, input_size), max_shard_size,
+                                    {"format": "pt", **(metadata or {})})
 
 
 def _merged(key: str, explicit: Any, model_kwargs: dict[str, Any]) -> Any:

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..ghn import PredictionReport, norm_statistics
+from ..ghn import PredictionReport, _one_thread, norm_statistics
 from .formats import Checkpoint, Code, read_checkpoint
 from .legacy_graph import build_legacy_graph
 from .networks import build_network
@@ -123,7 +123,8 @@ class PublishedGHN(nn.Module):
         """State-dict entries with a note: ``None`` when predicted, else why the model's value was kept."""
         size = tuple(input_size) if input_size is not None else self._input_size(model)
         graph = build_legacy_graph(model, self.config.code, size)
-        predicted, kept = self.network.predict(model, graph, code=self.config.code)
+        with _one_thread():  # the same tensors whatever the thread count, as for ghn-init's own GHNs
+            predicted, kept = self.network.predict(model, graph, code=self.config.code)
         owner = {id(p): n for n, p in model.named_parameters(remove_duplicate=False) if n in predicted}
         statistics = norm_statistics(model)
         entries = model.state_dict(keep_vars=True)

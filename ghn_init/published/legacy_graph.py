@@ -24,6 +24,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 
+from ..meta_cache import MetaShapeCache
+
 __all__ = [
     "LEGACY_GRAPH_EXTENSIONS", "LEGACY_OPS", "Builder", "LegacyGraph", "LegacyNode", "NodeInfo", "build_legacy_graph",
 ]
@@ -408,7 +410,7 @@ def _forward(model: nn.Module, builder: Builder, size: tuple[int, ...]) -> tuple
     modes = {m: m.training for m in model.modules()}
     model.train()
     try:
-        with _CpuAttentionKernels(), torch.enable_grad():
+        with _CpuAttentionKernels(), torch.enable_grad(), MetaShapeCache():  # repeated meta ops from a cache
             out = torch.func.functional_call(model, substitutes, (x,), strict=False)
     except Exception as err:  # noqa: BLE001 - any forward failure is reported with model and input size
         raise RuntimeError(

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .coverage import MAX_CPU_PARAMS
+
 __all__ = ["main"]
 
 logger = logging.getLogger("ghn_init")
@@ -73,7 +75,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _coverage(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from .coverage import run_coverage, select_models
+    from .coverage import check_counts, run_coverage, select_models
 
     names = select_models(args.pattern, args.limit)
     if not names:
@@ -84,11 +86,17 @@ def _coverage(args: argparse.Namespace) -> None:
             if not row["ok"]:
                 bar.write(f"{row['name']}: {row['error']}")
 
-        rows = run_coverage(names, ghn_ref=args.ghn, workers=args.workers, timeout_s=args.timeout, progress=progress)
-    ok = sum(r["ok"] and not r["skipped"] for r in rows)
-    summary = {"architectures": len(rows), "fully_predicted": ok, "failed": [r["name"] for r in rows if not r["ok"]]}
+        rows = run_coverage(names, ghn_ref=args.ghn, workers=args.workers, timeout_s=args.timeout, progress=progress,
+                            user_paths=not args.meta_only, max_cpu_params=args.max_params)
+    predicted = sum(r["checks"].get("predict", {}).get("status") == "ok" and not r.get("skipped") for r in rows)
+    counts = check_counts(rows)
+    summary = {"architectures": len(rows), "fully_predicted": predicted, "checks": counts,
+               "failed": [r["name"] for r in rows if not r["ok"]]}
     Path(args.out).write_text(json.dumps({"summary": summary, "architectures": rows}, indent=1) + "\n")
-    print(f"{ok}/{len(rows)} architectures built and fully predicted; details in {args.out}")
+    ran = ", ".join(f"{check} {c['ok']} ok / {c['failed']} failed / {c['skipped']} skipped"
+                    for check, c in counts.items() if c["ok"] + c["failed"] + c["skipped"])
+    print(f"{len(rows) - len(summary['failed'])}/{len(rows)} architectures passed every check that ran ({ran}); "
+          f"details in {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,12 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--out", required=True, help="FILE.json, FILE.png or FILE.svg")
     graph.set_defaults(run=_graph)
 
-    coverage = sub.add_parser("coverage", help="check graph building and prediction over timm architectures")
+    coverage = sub.add_parser("coverage", help="check prediction, apply_, create_model and predicted folders "
+                                               "over timm architectures")
     coverage.add_argument("--pattern", help="glob over timm.list_models(), e.g. 'resnet*'")
     coverage.add_argument("--limit", type=int, help="only the first N matching architectures")
     coverage.add_argument("--ghn", help="GHN reference (default: the embedded GHN)")
     coverage.add_argument("--workers", type=int, default=2, help="worker processes")
-    coverage.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per architecture")
+    coverage.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per architecture")
+    coverage.add_argument("--meta-only", action="store_true",
+                          help="only predict on meta-device models (fast; no model is built on the CPU)")
+    coverage.add_argument("--max-params", type=int, default=MAX_CPU_PARAMS,
+                          help="larger models skip the CPU-built checks, reported with the reason "
+                               f"(default {MAX_CPU_PARAMS:,})")
     coverage.add_argument("--out", default="coverage.json", help="JSON report")
     coverage.set_defaults(run=_coverage)
 

@@ -219,7 +219,7 @@ def build_legacy_graph(
     if builder == "ghn3":
         _ghn3_edit(graph, model)
     else:
-        _ppuda_edit(graph)
+        _ppuda_edit(graph, model)
     dist = _distances(graph.succ, ve_cutoff)
     nodes = _legacy_nodes(graph.nodes, builder)
     return LegacyGraph(builder=builder, input_size=size, nodes=nodes, dist=dist)
@@ -428,15 +428,16 @@ def _forward(model: nn.Module, builder: Builder, size: tuple[int, ...]) -> tuple
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     x = torch.empty((2, *size), device="meta", dtype=dtype)
     modes = {m: m.training for m in model.modules()}
-    model.train()
+    for module in modes:  # the flags only: a train() override could do more than set them
+        module.training = True
     try:
         with _CpuAttentionKernels(), torch.enable_grad():
             out = torch.func.functional_call(model, substitutes, (x,), strict=False)
     except Exception as err:  # noqa: BLE001 - any forward failure is reported with model and input size
         raise RuntimeError(
             f"the {builder} graph of {type(model).__name__} needs a forward pass at input size "
-            f"{'x'.join(map(str, size))}, which failed: {type(err).__name__}: {err}. Pass the size the model "
-            f"was built for as input_size=(C, H, W) (timm: model.pretrained_cfg['input_size'])."
+            f"{'x'.join(map(str, size))}, which failed: {type(err).__name__}: {str(err).rstrip('.')}. Pass the "
+            f"size the model was built for as input_size=(C, H, W) (timm: model.pretrained_cfg['input_size'])."
         ) from err
     finally:
         for module, mode in modes.items():
@@ -538,6 +539,7 @@ def _op_prefix(name: str) -> str:
 
 
 def _ghn3_edit(graph: _Graph, model: nn.Module) -> None:
+    """ghn3's steps after tracing: filter, weight/softmax/Swin edge fixes, input node, order, ViT/SqueezeNet fixes."""
     _ghn3_filter(graph, None)
     _ghn3_fix_weight_edges(graph)
     _ghn3_fix_softmax_edges(graph)
@@ -733,7 +735,8 @@ def _ghn3_fix_torchvision_swin(graph: _Graph) -> None:
 # ppuda/deepnets1m/graph.py Graph._build_graph and _filter_graph
 
 
-def _ppuda_edit(graph: _Graph) -> None:
+def _ppuda_edit(graph: _Graph, model: nn.Module) -> None:
+    """ppuda's steps after tracing: linear-layer edges, input node, order, then filtering."""
     nodes = graph.nodes
     for i, node in enumerate(nodes):  # linear layers: previous -> weight -> bias
         if isinstance(node.module, nn.Linear) and ".weight" in node.name:
@@ -754,7 +757,7 @@ def _ppuda_edit(graph: _Graph) -> None:
     _drop_self_loops(graph)
     order = _topological_order(graph.succ)
     if order is None:
-        _logger.warning("ppuda graph has a cycle: kept in discovery order")
+        _logger.warning("ppuda graph of %s has a cycle: kept in discovery order", type(model).__name__)
     else:
         graph.permute(order)
     _ppuda_filter(graph)

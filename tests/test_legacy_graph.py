@@ -13,7 +13,6 @@ from torch.nn import functional as F
 from ghn_init.published.legacy_graph import (
     _CpuAttentionKernels,
     _distances,
-    _distances_bfs,
     _Graph,
     _Node,
     _topological_order,
@@ -89,8 +88,7 @@ def test_topological_order_matches_networkx_on_random_dags():
 
 def test_virtual_edges_are_shortest_path_lengths_up_to_the_cutoff():
     succ = [{1, 4}, {2}, {3}, {5}, {3}, set()]  # 0-1-2-3-5 and the shortcut 0-4-3
-    dist = _distances(succ, _topological_order(succ), cutoff=3)
-    assert dist.tolist() == [
+    assert _distances(succ, cutoff=3).tolist() == [
         [0, 1, 2, 2, 1, 3],
         [0, 0, 1, 2, 0, 3],
         [0, 0, 0, 1, 0, 2],
@@ -98,21 +96,35 @@ def test_virtual_edges_are_shortest_path_lengths_up_to_the_cutoff():
         [0, 0, 0, 1, 0, 2],
         [0, 0, 0, 0, 0, 0],
     ]
-    assert _distances(succ, _topological_order(succ), cutoff=1).tolist() == [
-        [int(j in row) for j in range(6)] for row in succ]
+    assert _distances(succ, cutoff=1).tolist() == [[int(j in row) for j in range(6)] for row in succ]
 
 
-def test_virtual_edges_agree_with_breadth_first_search_and_handle_cycles():
+def breadth_first_distances(succ, cutoff):
+    dist = torch.zeros(len(succ), len(succ), dtype=torch.long)
+    for source in range(len(succ)):
+        frontier, reached = [source], {source}
+        for d in range(1, cutoff + 1):
+            ahead = []
+            for i in frontier:
+                ahead += [j for j in sorted(succ[i]) if j not in reached]
+                reached.update(succ[i])
+            dist[source, ahead] = d
+            frontier = ahead
+    return dist
+
+
+@pytest.mark.parametrize("acyclic", [True, False])
+def test_virtual_edges_agree_with_breadth_first_search(acyclic):
     rng = random.Random(1)
     for _ in range(10):
         n = rng.randint(2, 60)
-        succ = [{j for j in range(i + 1, n) if rng.random() < 0.08} for i in range(n)]
+        succ = [{j for j in range(n) if j != i and (j > i or not acyclic) and rng.random() < 0.06} for i in range(n)]
+        if not acyclic:
+            succ[0].add(n - 1)
+            succ[n - 1].add(0)
+        assert (_topological_order(succ) is not None) == acyclic
         for cutoff in (2, 5, 50):
-            assert torch.equal(_distances(succ, _topological_order(succ), cutoff), _distances_bfs(
-                [sorted(s) for s in succ], cutoff))
-    cycle = [{1}, {2}, {0, 3}, set()]
-    assert _distances(cycle, _topological_order(cycle), 50).tolist() == [
-        [0, 1, 2, 3], [2, 0, 1, 2], [1, 2, 0, 1], [0, 0, 0, 0]]
+            assert torch.equal(_distances(succ, cutoff), breadth_first_distances(succ, cutoff))
 
 
 def test_pos_enc_sum_takes_over_the_pos_enc_edges():
@@ -179,17 +191,20 @@ def test_model_is_left_as_it_was():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-@pytest.mark.parametrize("kwargs,kv_heads", [
-    ({}, 4), ({"attn_mask": torch.ones(9, 9, dtype=torch.bool).tril()}, 4), ({"is_causal": True}, 4), ({}, 2),
-    ({"attn_mask": torch.zeros(1, 4, 9, 9, requires_grad=True)}, 4), ({"dropout_p": 0.1}, 4),
+@pytest.mark.parametrize("shape,kwargs,kv_heads", [
+    ((2, 4, 9, 8), {}, 4), ((2, 4, 9, 8), {"attn_mask": torch.ones(9, 9, dtype=torch.bool).tril()}, 4),
+    ((2, 4, 9, 8), {"is_causal": True}, 4), ((2, 4, 9, 8), {}, 2), ((2, 4, 9, 8), {"dropout_p": 0.1}, 4),
+    ((2, 4, 9, 8), {"attn_mask": torch.zeros(1, 4, 9, 9, requires_grad=True)}, 4),
+    ((8, 9, 8), {}, 8), ((8, 9, 8), {"attn_mask": torch.zeros(8, 9, 9)}, 8),
+    ((8, 9, 8), {"attn_mask": torch.zeros(8, 9, 9, requires_grad=True)}, 8),  # timm SAM: 3-D, learned bias
 ])
-def test_meta_attention_takes_the_cpu_kernel(kwargs, kv_heads):
+def test_meta_attention_takes_the_cpu_kernel(shape, kwargs, kv_heads):
     def grad_fns(device):
-        q = torch.randn(2, 4, 9, 8, device=device, requires_grad=True)
-        kv = torch.randn(2, kv_heads, 9, 8, device=device, requires_grad=True)
+        q = torch.randn(*shape, device=device, requires_grad=True)
+        kv = torch.randn(*shape[:-3], kv_heads, *shape[-2:], device=device, requires_grad=True)
         args = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
         with _CpuAttentionKernels():
-            out = F.scaled_dot_product_attention(q, kv, kv, enable_gqa=kv_heads != 4, **args)
+            out = F.scaled_dot_product_attention(q, kv, kv, enable_gqa=kv_heads != shape[-3], **args)
         names, fn = [], out.grad_fn
         while fn is not None:
             names.append(type(fn).__name__)

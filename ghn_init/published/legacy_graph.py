@@ -47,7 +47,8 @@ Builder = Literal["ghn3", "ppuda"]
 #: fixtures' README); everything else is reproduced as the authors' code does it.
 LEGACY_GRAPH_EXTENSIONS: tuple[str, ...] = (
     "Layer types by inheritance: a module whose class derives from a supported layer counts as that layer "
-    "(timm LayerNorm, LayerNorm2d, LayerNormAct2d -> ln; BatchNormAct2d -> bn; StdConv2d, Conv2dSame -> conv). "
+    "for the parameters the layer defines (timm LayerNorm, LayerNorm2d, LayerNormAct2d -> ln; BatchNormAct2d "
+    "-> bn; StdConv2d, Conv2dSame -> conv); parameters a subclass adds (ScaledStdConv2d's gain) are unsupported. "
     "ghn3 looks node types up by exact class and raises KeyError (E); ppuda drops such parameters, which "
     "leaves extra graph sources (C) and makes its GHN set the layers' weights to None.",
     "Other normalizations (GroupNorm, BatchNorm1d, RmsNorm, ...), Conv1d, layer scales, position and class "
@@ -91,6 +92,15 @@ _GHN3_LAYERS: dict[type, str] = {
 _PPUDA_LAYERS: dict[type, str] = {
     nn.Conv2d: _CONV_LIKE, nn.Linear: _CONV_LIKE,
     nn.BatchNorm2d: _BN, nn.LayerNorm: _LN, torchvision.models.convnext.LayerNorm2d: _LN,
+}
+# The parameters each supported layer class registers itself.
+_LAYER_PARAMETERS: dict[type, frozenset[str]] = {
+    nn.Conv2d: frozenset({"weight", "bias"}), nn.Linear: frozenset({"weight", "bias"}),
+    nn.BatchNorm2d: frozenset({"weight", "bias"}), nn.LayerNorm: frozenset({"weight", "bias"}),
+    torchvision.models.convnext.LayerNorm2d: frozenset({"weight", "bias"}),
+    nn.MultiheadAttention: frozenset({"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
+                                      "v_proj_weight", "bias_k", "bias_v"}),
+    nn.Embedding: frozenset({"weight"}), torchvision.models.vision_transformer.Encoder: frozenset({"pos_embedding"}),
 }
 # ppuda's NormLayers: their biases are never nodes (ghn3 decides by the class name containing "norm").
 _PPUDA_NORMS: tuple[type, ...] = (nn.BatchNorm2d, nn.LayerNorm)
@@ -212,9 +222,8 @@ def build_legacy_graph(
     if builder == "ghn3":
         _ghn3_edit(graph, model)
     else:
-        _ppuda_edit(graph)
-    order = _topological_order(graph.succ)
-    dist = _distances(graph.succ, order, ve_cutoff)
+        _ppuda_edit(graph, model)
+    dist = _distances(graph.succ, ve_cutoff)
     nodes = _legacy_nodes(graph.nodes, builder)
     return LegacyGraph(builder=builder, input_size=size, nodes=nodes, dist=dist)
 
@@ -322,13 +331,20 @@ def _input_size(model: nn.Module, builder: Builder, input_size: Sequence[int] | 
     return tuple(int(s) for s in input_size)
 
 
-def _layer_kind(module: nn.Module | None, builder: Builder) -> str | None:
-    """The layer table entry of the nearest supported class in ``module``'s inheritance chain."""
+def _layer_kind(module: nn.Module | None, name: str, builder: Builder) -> str | None:
+    """The layer table entry for parameter ``name`` of ``module``, or None when it is not supported.
+
+    A subclass of a supported layer counts as that layer for the parameters the layer itself defines
+    (an extension: the official lookups are by exact class); parameters it adds, such as the gain of
+    timm's ``ScaledStdConv2d``, are unsupported.
+    """
     if module is None:
         return None
     table = _GHN3_LAYERS if builder == "ghn3" else _PPUDA_LAYERS
     for cls in type(module).__mro__:
         if cls in table:
+            if cls is not type(module) and name.rpartition(".")[2] not in _LAYER_PARAMETERS[cls]:
+                return None
             return table[cls]
     return None
 
@@ -366,6 +382,11 @@ class _CpuAttentionKernels(TorchFunctionMode):
                        enable_gqa=False) -> torch.Tensor | None:
         if query.device.type != "meta":
             return None
+        batched = query.dim() == 3  # the dispatcher adds a leading dim to 3-D inputs before choosing
+        if batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if attn_mask is not None and attn_mask.dim() == 3:
+                attn_mask = attn_mask.unsqueeze(0)
 
         def on_cpu(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
@@ -375,13 +396,14 @@ class _CpuAttentionKernels(TorchFunctionMode):
         choice = torch._fused_sdp_choice(on_cpu(query), on_cpu(key), on_cpu(value), on_cpu(attn_mask),
                                          dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         if choice != SDPBackend.FLASH_ATTENTION.value:
-            return None
+            return None  # the math path, which the meta device takes as the CPU does
         # the CPU flash kernel takes grouped-query heads as they are, and boolean masks as -inf/0
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                 attn_mask.logical_not(), float("-inf"))
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+        return out.squeeze(0) if batched else out
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
@@ -400,15 +422,16 @@ def _forward(model: nn.Module, builder: Builder, size: tuple[int, ...]) -> tuple
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     x = torch.empty((2, *size), device="meta", dtype=dtype)
     modes = {m: m.training for m in model.modules()}
-    model.train()
+    for module in modes:  # the flags only: a train() override could do more than set them
+        module.training = True
     try:
         with _CpuAttentionKernels(), torch.enable_grad(), MetaShapeCache():  # repeated meta ops from a cache
             out = torch.func.functional_call(model, substitutes, (x,), strict=False, tie_weights=False)
     except Exception as err:  # noqa: BLE001 - any forward failure is reported with model and input size
         raise RuntimeError(
             f"the {builder} graph of {type(model).__name__} needs a forward pass at input size "
-            f"{'x'.join(map(str, size))}, which failed: {type(err).__name__}: {err}. Pass the size the model "
-            f"was built for as input_size=(C, H, W) (timm: model.pretrained_cfg['input_size'])."
+            f"{'x'.join(map(str, size))}, which failed: {type(err).__name__}: {str(err).rstrip('.')}. Pass the "
+            f"size the model was built for as input_size=(C, H, W) (timm: model.pretrained_cfg['input_size'])."
         ) from err
     finally:
         for module, mode in modes.items():
@@ -452,7 +475,7 @@ def _trace(model: nn.Module, builder: Builder, size: tuple[int, ...]) -> _Graph:
                     continue
                 name, module = owner
                 if builder == "ppuda":
-                    if _layer_kind(module, builder) is None:
+                    if _layer_kind(module, name, builder) is None:
                         continue
                     if isinstance(module, _PPUDA_NORMS) and ".bias" in name:
                         continue
@@ -510,6 +533,7 @@ def _op_prefix(name: str) -> str:
 
 
 def _ghn3_edit(graph: _Graph, model: nn.Module) -> None:
+    """ghn3's steps after tracing: filter, weight/softmax/Swin edge fixes, input node, order, ViT/SqueezeNet fixes."""
     _ghn3_filter(graph, None)
     _ghn3_fix_weight_edges(graph)
     _ghn3_fix_softmax_edges(graph)
@@ -552,7 +576,7 @@ def _ghn3_filter(graph: _Graph, stages: list[str] | None) -> None:
             norm_bias = node.module is not None and "norm" in type(node.module).__name__.lower() \
                 and op.endswith(".bias")
             # the official filter tests isinstance against its layer table (the KeyError comes later)
-            supported = not norm_bias and _layer_kind(node.module, "ghn3") is not None
+            supported = not norm_bias and _layer_kind(node.module, node.name, "ghn3") is not None
             if not supported and op not in _GHN3_OPS:
                 unsupported.add(node.name)
         pattern_stages: list[str | set[str]] = ["Mul", unsupported, "Mean", "Add", "Cat"]
@@ -705,7 +729,8 @@ def _ghn3_fix_torchvision_swin(graph: _Graph) -> None:
 # ppuda/deepnets1m/graph.py Graph._build_graph and _filter_graph
 
 
-def _ppuda_edit(graph: _Graph) -> None:
+def _ppuda_edit(graph: _Graph, model: nn.Module) -> None:
+    """ppuda's steps after tracing: linear-layer edges, input node, order, then filtering."""
     nodes = graph.nodes
     for i, node in enumerate(nodes):  # linear layers: previous -> weight -> bias
         if isinstance(node.module, nn.Linear) and ".weight" in node.name:
@@ -726,7 +751,7 @@ def _ppuda_edit(graph: _Graph) -> None:
     _drop_self_loops(graph)
     order = _topological_order(graph.succ)
     if order is None:
-        _logger.warning("ppuda graph has a cycle: kept in discovery order")
+        _logger.warning("ppuda graph of %s has a cycle: kept in discovery order", type(model).__name__)
     else:
         graph.permute(order)
     _ppuda_filter(graph)
@@ -806,49 +831,60 @@ def _topological_order(succ: Sequence[Iterable[int]]) -> list[int] | None:
     return order if len(order) == n else None
 
 
-def _distances(succ: Sequence[Iterable[int]], order: Sequence[int] | None, cutoff: int) -> torch.Tensor:
+def _distances(succ: Sequence[Iterable[int]], cutoff: int) -> torch.Tensor:
     """``dist[i, j]`` = shortest directed path length i -> j when it is 1..cutoff, else 0.
 
     Equal to setting every ``networkx.all_pairs_shortest_path_length(cutoff)`` entry over the real
-    edges, as ``_add_virtual_edges`` does. ``order`` is a topological order (None for a cyclic graph).
+    edges, as ``_add_virtual_edges`` does. Rows are relaxed children first (``row_i = 1 + min over
+    children``), one sweep for an acyclic graph and sweeps until nothing changes otherwise.
     """
     n = len(succ)
     children = [sorted(s) for s in succ]
-    if order is None:
-        return _distances_bfs(children, cutoff)
+    sweep, acyclic = _postorder(children)
     far = cutoff + 1
-    length = torch.full((n, n), far, dtype=torch.int32)
-    for i in reversed(order):
-        row = children[i]
-        if row:
-            best = length[row].amin(0) + 1  # length[j, j] = 0 makes best[j] = 1 for every child j
-            best.clamp_(max=far)
+    length = torch.full((n, n), far, dtype=torch.int16 if far < 2**15 else torch.int32)
+    length.fill_diagonal_(0)
+    changed = True
+    while changed:
+        changed = False
+        for i in sweep:
+            row = children[i]
+            if not row:
+                continue
+            best = torch.minimum(length[row].amin(0) + 1, length[i]).clamp_(max=far)
+            best[i] = 0
+            if not acyclic and not changed:
+                changed = not torch.equal(best, length[i])
             length[i] = best
-        length[i, i] = 0
     return torch.where(length <= cutoff, length, 0).long()
 
 
-def _distances_bfs(children: list[list[int]], cutoff: int) -> torch.Tensor:
-    n = len(children)
-    dist = torch.zeros(n, n, dtype=torch.long)
-    for source in range(n):
-        frontier, reached, d = [source], {source}, 0
-        while frontier and d < cutoff:
-            d += 1
-            ahead = []
-            for i in frontier:
-                for j in children[i]:
-                    if j not in reached:
-                        reached.add(j)
-                        ahead.append(j)
-            if ahead:
-                dist[source, ahead] = d
-            frontier = ahead
-    return dist
+def _postorder(children: list[list[int]]) -> tuple[list[int], bool]:
+    """Depth-first postorder (every node after the nodes it reaches, cycles aside) and whether it is acyclic."""
+    state = [0] * len(children)  # 0 new, 1 on the stack, 2 done
+    order, acyclic = [], True
+    for root in range(len(children)):
+        if state[root]:
+            continue
+        state[root] = 1
+        stack = [(root, iter(children[root]))]
+        while stack:
+            node, rest = stack[-1]
+            child = next(rest, None)
+            if child is None:
+                stack.pop()
+                state[node] = 2
+                order.append(node)
+            elif state[child] == 0:
+                state[child] = 1
+                stack.append((child, iter(children[child])))
+            elif state[child] == 1:
+                acyclic = False
+    return order, acyclic
 
 
 def _layer_op(module: nn.Module, name: str, builder: Builder) -> str:
-    kind = _layer_kind(module, builder)
+    kind = _layer_kind(module, name, builder)
     if kind == _CONV_LIKE:
         if "bias" in name:
             return "bias"

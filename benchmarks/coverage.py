@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from _report import HERE, describe_ghn, ghn_setup, machine, update_results
@@ -48,7 +48,11 @@ def main() -> None:
                         help="larger models skip the CPU-built checks (reported with the reason)")
     parser.add_argument("--rows", type=Path, help="JSON-lines file of finished architectures (appended, resumed)")
     parser.add_argument("--retry-failed", action="store_true", help="with --rows: rerun architectures that failed")
+    parser.add_argument("--ghn", help="GHN to cover (default: the embedded GHN), e.g. a converted GHN-3-T")
+    parser.add_argument("--label", help="name of this GHN's results (required with --ghn), e.g. ghn3-t")
     args = parser.parse_args()
+    if bool(args.ghn) != bool(args.label):
+        parser.error("--ghn and --label go together")
     names = select_models(args.pattern, args.limit)
     done = {name: row for name, row in _load_rows(args.rows).items() if name in set(names)}
     if args.retry_failed:
@@ -56,7 +60,8 @@ def main() -> None:
     todo = [n for n in names if n not in done]
     setup = {"architectures": len(names), "pattern": args.pattern, "workers": args.workers,
              "timeout_s": args.timeout, "num_classes": 10, "checks": ["predict"] if args.meta_only else list(CHECKS),
-             "max_cpu_params": None if args.meta_only else args.max_params, **ghn_setup(ghn_init.load()),
+             "max_cpu_params": None if args.meta_only else args.max_params, **ghn_setup(ghn_init.load(args.ghn)),
+             "ghn_ref": args.ghn, "label": args.label,
              "machine": machine()}
     print(json.dumps({**setup, "resumed": len(done), "to_run": len(todo)}, indent=2))
     started = time.perf_counter()
@@ -69,7 +74,7 @@ def main() -> None:
                 with args.rows.open("a") as file:
                     file.write(json.dumps(row) + "\n")
 
-        new = run_coverage(todo, workers=args.workers, timeout_s=args.timeout, progress=progress,
+        new = run_coverage(todo, ghn_ref=args.ghn, workers=args.workers, timeout_s=args.timeout, progress=progress,
                            user_paths=not args.meta_only, max_cpu_params=args.max_params)
     setup["wall_s"] = round(time.perf_counter() - started, 1)
     rows = sorted([*done.values(), *new], key=lambda r: r["name"])
@@ -97,13 +102,17 @@ def write_report(rows: list[dict], setup: dict) -> None:
                "all_checks_passed": sum(r["ok"] for r in rows),
                "cpu_checks_skipped": {r["name"]: r["checks"]["apply"]["reason"] for r in rows
                                       if r["checks"].get("apply", {}).get("status") == "skipped"},
+               "kept_by_reason": dict(Counter(note.split(":")[0] for r in rows
+                                              for note in (r.get("skipped") or {}).values()).most_common()),
                "failed": {r["name"]: r["error"] for r in rows if not r["ok"]}}
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "coverage.json").write_text(json.dumps({"setup": setup, "summary": summary, "architectures": rows},
-                                                  indent=1) + "\n")
-    _plot(families, out / "coverage.png")
-    update_results("coverage", "## Coverage of timm\n\n" + "\n".join(_markdown(rows, families, setup, summary)))
+    stem = f"coverage_{setup['label']}" if setup.get("label") else "coverage"
+    (out / f"{stem}.json").write_text(json.dumps({"setup": setup, "summary": summary, "architectures": rows},
+                                                 indent=1) + "\n")
+    _plot(families, out / f"{stem}.png")
+    title = f"## Coverage of timm by {setup['label']}" if setup.get("label") else "## Coverage of timm"
+    update_results(stem, title + "\n\n" + "\n".join(_markdown(rows, families, setup, summary)))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("failed", "constant_buffers_copied",
                                                                    "cpu_checks_skipped")}))
 
@@ -141,6 +150,10 @@ def _markdown(rows: list[dict], families: dict[str, list[dict]], setup: dict, su
                   "meta device) are not built on the CPU here: the checks peak at about 9 bytes per parameter "
                   "(timm holds the model and the state dict it loads) and take about a minute per 600M "
                   "parameters on one thread. " + ", ".join(f"{n} ({p / 1e6:,.0f}M)" for p, n in sizes) + ".", ""]
+    if summary["kept_by_reason"]:
+        lines += [f"Parameter tensors kept at the model's own init, each reported with its reason ("
+                  f"{summary['tensors_skipped']} in {sum(bool(r.get('skipped')) for r in rows)} architectures), by "
+                  "reason: " + ", ".join(f"{reason} {n}" for reason, n in summary["kept_by_reason"].items()) + ".", ""]
     failed = [r for r in rows if not r["ok"]]
     lines += [f"Failures ({len(failed)}):" if failed else "Failures: none.", ""]
     for row in failed:
@@ -166,9 +179,11 @@ def _markdown(rows: list[dict], families: dict[str, list[dict]], setup: dict, su
         bad = [f"{r['name']} ({r['error']})"[:160] for r in group if not r["ok"]]
         lines.append(f"| {family} | {len(group)} | " + " | ".join(cells) +
                      f" | {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} |")
-    lines += ["", "`nice python benchmarks/coverage.py --rows coverage.rows.jsonl` (resumable; `--retry-failed`, "
-              "`--meta-only` for the meta-device prediction alone, `--max-params N`) -> "
-              "`benchmarks/results/coverage.json`, `coverage.png`"]
+    which = f" --ghn {setup['ghn_ref']} --label {setup['label']}" if setup.get("label") else ""
+    stem = f"coverage_{setup['label']}" if setup.get("label") else "coverage"
+    lines += ["", f"`nice python benchmarks/coverage.py{which} --rows coverage.rows.jsonl` (resumable; "
+              "`--retry-failed`, `--meta-only` for the meta-device prediction alone, `--max-params N`) -> "
+              f"`benchmarks/results/{stem}.json`, `{stem}.png`"]
     return lines
 
 

@@ -83,19 +83,20 @@ def layered_parameters(model: nn.Module) -> dict[str, ParamEntry]:
     entries: dict[str, ParamEntry] = {}
     for module_name, module in model.named_modules():
         key_prefix = module_name.split(".", 1)[1] if module_name.startswith("module.") else module_name
-        weight_attr = next((a for a in ("layer_scale", "in_proj_weight", "pos_embedding")
-                            if getattr(module, a, None) is not None), None)
-        if weight_attr is None and getattr(module, "weight", None) is not None:
+        # only tensors count: timm modules also have layer_scale submodules and boolean bias flags (LSTMs)
+        def has(attr: str, module: nn.Module = module) -> bool:
+            return isinstance(getattr(module, attr, None), torch.Tensor)
+
+        weight_attr = next((a for a in ("layer_scale", "in_proj_weight", "pos_embedding") if has(a)), None)
+        if weight_attr is None and has("weight"):
             weight_attr = "weight"
-        bias_attr = "in_proj_bias" if getattr(module, "in_proj_bias", None) is not None else (
-            "bias" if getattr(module, "bias", None) is not None else None)
+        bias_attr = "in_proj_bias" if has("in_proj_bias") else ("bias" if has("bias") else None)
         for attr, is_w in ((weight_attr, True), (bias_attr, False)):
             if attr is None:
                 continue
             suffix = "pos_embedding.weight" if attr == "pos_embedding" else attr
             key = f"{key_prefix}.{suffix}"
-            value = getattr(module, attr)
-            shape = tuple(value) if isinstance(value, (list, tuple)) else tuple(value.shape)
+            shape = tuple(getattr(module, attr).shape)
             name = f"{module_name}.{attr}" if module_name else attr
             entries[key] = ParamEntry(key, name, module_name, module, is_w, shape)
     return entries

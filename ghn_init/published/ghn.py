@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,12 +22,15 @@ import torch
 from torch import nn
 
 from ..ghn import PredictionReport, _one_thread, fill_, norm_statistics
+from ..graph import _default_input_size
 from .formats import Checkpoint, Code, read_checkpoint
-from .legacy_graph import build_legacy_graph
+from .legacy_graph import LegacyGraph, build_legacy_graph
 from .networks import build_network
 from .release import data_config_for, published_card
 
 __all__ = ["MODEL_TYPE", "PublishedConfig", "PublishedGHN", "load_published_folder"]
+
+logger = logging.getLogger(__name__)
 
 #: ``model_type`` in the config.json of a converted published GHN.
 MODEL_TYPE = "ghn-published"
@@ -117,14 +121,30 @@ class PublishedGHN(nn.Module):
         for name, tensor, _ in self._stream(model, input_size):
             yield name, tensor
 
-    def _plan(self, model: nn.Module, input_size: Sequence[int] | None,
+    def _graph(self, model: nn.Module, input_size: Sequence[int] | None) -> LegacyGraph:
+        """The graph at ``input_size``; by default at the GHN's size, or the model's own size where the
+        model cannot run at the GHN's (timm models built for 256 or 384 pixels, window sizes)."""
+        if input_size is not None:
+            return build_legacy_graph(model, self.config.code, tuple(input_size))
+        size = self._input_size(model)
+        try:
+            return build_legacy_graph(model, self.config.code, size)
+        except RuntimeError as err:
+            own = tuple(_default_input_size(model))
+            if own[1:] == size[1:]:
+                raise
+            logger.warning("%s does not run at %s's %dx%d inputs, so its graph is built at its own size %dx%d: %s",
+                           type(model).__name__, self.meta.get("name", "the GHN"), size[1], size[2], own[1],
+                           own[2], err)
+            return build_legacy_graph(model, self.config.code, (size[0], *own[1:]))
+
+    def _plan(self, model: nn.Module, input_size: Sequence[int] | None, values: bool = True,
               ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str | None]]:
         """The network's prediction, why the rest is kept, and each state-dict entry's source:
         the predicted name it reads (a shared parameter reads its first name), or ``None``."""
-        size = tuple(input_size) if input_size is not None else self._input_size(model)
-        graph = build_legacy_graph(model, self.config.code, size)
+        graph = self._graph(model, input_size)
         with _one_thread():  # the same tensors whatever the thread count, as for ghn-init's own GHNs
-            predicted, kept = self.network.predict(model, graph, code=self.config.code)
+            predicted, kept = self.network.predict(model, graph, code=self.config.code, values=values)
         owner = {id(p): n for n, p in model.named_parameters(remove_duplicate=False) if n in predicted}
         sources = {name: name if name in predicted else owner.get(id(ref))
                    for name, ref in model.state_dict(keep_vars=True).items()}
@@ -133,7 +153,7 @@ class PublishedGHN(nn.Module):
     @torch.no_grad()
     def report(self, model: nn.Module, input_size: Sequence[int] | None = None) -> PredictionReport:
         """What :meth:`apply_` would do, without any tensor values: works on meta-device models."""
-        _, kept, sources = self._plan(model, input_size)
+        _, kept, sources = self._plan(model, input_size, values=False)
         statistics = norm_statistics(model)
         predicted = [n for n, source in sources.items() if source is not None or n in statistics]
         return PredictionReport(predicted=predicted, skipped={

@@ -290,11 +290,13 @@ class PublishedNetwork(nn.Module):
         return self._embed(graph, assign_nodes(model, graph, self.max_shape, code))
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, graph: LegacyGraph, *, code: Code,
-                seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def predict(self, model: nn.Module, graph: LegacyGraph, *, code: Code, seed: int = 0,
+                values: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Predict the model's parameters as the authors' code would, reading only their shapes.
 
         Returns float32 CPU tensors by parameter name and, for every parameter not predicted, why.
+        ``values=False`` tiles on the meta device instead: the same names and reasons with no memory
+        for the tensors (what is predicted for a model larger than RAM).
         The model is not modified. ghn3 prepends a class-token row to a decoded ViT position
         embedding, drawn from the global RNG with ``torch.normal(0, 0.02)``; here it is drawn from a
         ``torch.Generator`` seeded with ``seed``, so a prediction is deterministic.
@@ -318,6 +320,7 @@ class PublishedNetwork(nn.Module):
                     failures[target.name] = f"decoder key {key}: {err}"
                 continue
             for block, targets in zip(decoded, node_targets):
+                block = block if values else block.to("meta")
                 for target in targets:
                     self._place(block, target, key, code, class_token, predicted, failures)
         return predicted, self._reasons(model, assignment, predicted, failures, code)
@@ -334,9 +337,12 @@ class PublishedNetwork(nn.Module):
         except DecodeError as err:
             failures[target.name] = f"decoder key {key}: {err}"
             return
-        out = out.to(device="cpu", dtype=torch.float32)
-        shares = out.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
-        predicted[target.name] = out.clone() if shares or not out.is_contiguous() else out
+        if out.is_meta:
+            predicted[target.name] = out
+        else:
+            out = out.to(device="cpu", dtype=torch.float32)
+            shares = out.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+            predicted[target.name] = out.clone() if shares or not out.is_contiguous() else out
         failures.pop(target.name, None)
 
     def _reasons(self, model: nn.Module, assignment: Assignment, predicted: dict[str, torch.Tensor],

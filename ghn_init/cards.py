@@ -85,7 +85,7 @@ def ghn_card(ghn: Any, evaluation_markdown: str | None = None, *, evaluation: li
         "import ghn_init, timm",
         f'ghn = ghn_init.load("{repo_id or "PATH_OR_REPO_ID"}")  # ghn_init.load() gives the embedded default',
         'model = timm.create_model("resnet18", num_classes=10)',
-        "report = ghn.apply_(model)  # every parameter predicted; BN statistics at identity",
+        "report = ghn.apply_(model)  # every parameter predicted; BN statistics calibrated data-free",
         "```",
         "",
         "## Training",
@@ -114,9 +114,31 @@ def _stage_line(index: int, stage: dict[str, Any]) -> str:
             f"{config.get('batch_size')}, AdamW lr {config.get('lr')} with warmup and cosine decay.")
 
 
+def _bn_sentence(record: dict[str, Any] | None) -> str:
+    """What the card says about BatchNorm running statistics, from the file's ``bn_calibration`` record."""
+    method = (record or {}).get("method", "identity")
+    if method == "none":
+        return "The model has no BatchNorm running statistics: eval mode needs no calibration."
+    if method == "images":
+        return (f"BatchNorm running statistics were calibrated on {record['images']} {record['source']} "
+                f"at {'x'.join(map(str, record['input_size'][1:]))} pixels.")
+    if method == "identity":
+        why = f" because {record['reason']}" if record and record.get("reason") else ""
+        return (f"BatchNorm statistics are at identity (mean 0, variance 1){why}: recalibrate them on a few hundred "
+                "training images (`ghn_init.calibrate_batchnorm(model, images)`), or fine-tune, before evaluating "
+                "in eval mode.")
+    return (f"BatchNorm running statistics were calibrated without data ({method}): on {record['images']} synthetic "
+            f"images at {'x'.join(map(str, record['input_size'][1:]))} pixels ({record['inputs']}, seed "
+            f"{record['seed']}), so eval mode gives outputs of a sane scale. Statistics from real training images "
+            "are better: `ghn_init.calibrate_batchnorm(model, images)` on a few hundred of them, or "
+            "`ghn-init predict --calibrate-bn 500`.")
+
+
 def predicted_card(architecture: str, model_args: dict[str, Any], ghn_name: str, ghn_hash: str,
-                   num_classes: int, data: dict[str, Any], *, license: str = _LICENSE) -> str:
-    """Card of weights predicted by a GHN: what they are, and that they are not trained weights."""
+                   num_classes: int, data: dict[str, Any], *, license: str = _LICENSE,
+                   bn_calibration: dict[str, Any] | None = None) -> str:
+    """Card of weights predicted by a GHN: what they are, that they are not trained weights, and how
+    their BatchNorm statistics were made (``bn_calibration``: the safetensors file's record; None: identity)."""
     dataset = data.get("dataset")
     header = _front_matter(
         library_name="timm",
@@ -125,7 +147,8 @@ def predicted_card(architecture: str, model_args: dict[str, Any], ghn_name: str,
         datasets=[dataset] if dataset else None,
         pipeline_tag="image-classification",
         ghn_init={"architecture": architecture, "model_args": model_args, "num_classes": num_classes,
-                  "ghn": ghn_name, "ghn_sha256": ghn_hash},
+                  "ghn": ghn_name, "ghn_sha256": ghn_hash,
+                  "bn_calibration": (bn_calibration or {}).get("method", "identity")},
     )
     args = ", ".join(f"{k}={v!r}" for k, v in model_args.items())
     return "\n".join([
@@ -144,7 +167,6 @@ def predicted_card(architecture: str, model_args: dict[str, Any], ghn_name: str,
         "```",
         "",
         f"Inputs: {data.get('input_size')} normalized with mean {data.get('mean')} and std {data.get('std')}. "
-        "BatchNorm statistics are at identity (mean 0, variance 1): recalibrate them on a few hundred "
-        "training images, or fine-tune, before evaluating in eval mode.",
+        + _bn_sentence(bn_calibration),
         "",
     ])

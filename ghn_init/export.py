@@ -2,7 +2,8 @@
 
 The folder holds ``config.json`` in timm's layout (architecture, num_classes, model_args and a
 pretrained_cfg with the normalization the GHN was trained with, plus a ``ghn_init`` block naming
-the GHN by content hash), ``model.safetensors`` and a ``README.md`` model card. Nothing from
+the GHN by content hash and how BatchNorm statistics were calibrated), ``model.safetensors`` and a
+``README.md`` model card. Nothing from
 timm's registry that would be false for predicted weights (tag, license, paper) is copied.
 """
 
@@ -10,19 +11,30 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from .batchnorm import calibrate_predicted, has_running_stats
 from .cards import predicted_card
 from .ghn import GHN, norm_statistics
 from .hub import DEFAULT_NAME, content_hash, staged_folder
 from .streaming import write_safetensors
 
-__all__ = ["create_meta_model", "input_size_for", "save_predicted", "write_predicted"]
+__all__ = ["MAX_CALIBRATION_BYTES", "bn_calibration", "create_meta_model", "input_size_for", "save_predicted",
+           "write_predicted"]
+
+logger = logging.getLogger(__name__)
+
+#: Predicted weights up to this size get BatchNorm statistics calibrated in memory; larger models are
+#: streamed to their file one tensor at a time, statistics at identity (BatchNorm models are far smaller).
+MAX_CALIBRATION_BYTES = 4 * 2**30
 
 #: Structural facts of the registry cfg that stay true for predicted weights.
 _STRUCTURAL_CFG_KEYS = ("first_conv", "classifier", "fixed_input_size")
@@ -64,7 +76,10 @@ def create_meta_model(name: str, num_classes: int | None = None, img_size: int |
     except Exception as err:
         raise ValueError(f"timm.create_model({name!r}, **{model_args}) failed: {type(err).__name__}: {err}") from err
     saved_buffers = set(model.state_dict()) - {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    if saved_buffers - set(norm_statistics(model)):  # saved constants (index tables) need real values
+    unsaved_buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)} - saved_buffers
+    # Saved constants (index tables) need real values, and so do unsaved ones where BatchNorm
+    # calibration runs the model.
+    if saved_buffers - set(norm_statistics(model)) or (unsaved_buffers and has_running_stats(model)):
         with parameters_on_meta():
             model = timm.create_model(name, **model_args)
     return model, model_args
@@ -106,18 +121,57 @@ def input_size_for(model: nn.Module, ghn: GHN, img_size: int | None) -> tuple[in
 
 
 def write_predicted(ghn: GHN, model: nn.Module, input_size: tuple[int, ...], path: str | os.PathLike,
-                    metadata: dict[str, str] | None = None) -> Path:
-    """Stream ``ghn``'s prediction for ``model`` into a safetensors file, one tensor in memory at a time."""
+                    metadata: dict[str, str] | None = None, *, calibrate_bn: bool = True,
+                    calibration_images: torch.Tensor | None = None, calibration_source: str | None = None,
+                    max_calibration_bytes: int = MAX_CALIBRATION_BYTES) -> Path:
+    """Write ``ghn``'s prediction for ``model`` into a safetensors file, BatchNorm statistics calibrated.
+
+    Statistics come from ``calibration_images`` (normalized, described by ``calibration_source``)
+    or else data-free (:func:`ghn_init.batchnorm.calibrate_predicted`); calibrating holds every
+    weight in memory, so models over ``max_calibration_bytes`` are streamed one tensor at a time
+    with statistics at identity, and a warning. What was done is recorded as JSON under the
+    metadata key ``bn_calibration``.
+    """
     specs = {name: (ref.dtype, tuple(ref.shape)) for name, ref in model.state_dict().items()}
-    return write_safetensors(path, specs, ghn.predict_tensors(model, input_size), metadata)
+    tensors: Iterable[tuple[str, torch.Tensor]] | None = None
+    size = sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
+    if not has_running_stats(model):
+        record = {"method": "none", "reason": "the model has no BatchNorm running statistics"}
+    elif not calibrate_bn:
+        record = {"method": "identity", "reason": "calibration was turned off"}
+    elif size > max_calibration_bytes:
+        record = {"method": "identity", "reason": f"{size / 2**30:.1f} GiB of weights exceed the "
+                  f"{max_calibration_bytes / 2**30:.1f} GiB limit for calibrating in memory, so they were "
+                  "streamed to the file; calibrate after loading with ghn_init.calibrate_batchnorm"}
+        logger.warning("%s: BatchNorm statistics left at identity: %s", type(model).__name__, record["reason"])
+    else:
+        state = ghn.predict(model, input_size, calibrate_bn=False)
+        record = calibrate_predicted(model, state, input_size, ghn.data_config, images=calibration_images,
+                                     source=calibration_source)
+        tensors = state.items()
+    metadata = {**(metadata or {}), "bn_calibration": json.dumps(record)}
+    return write_safetensors(path, specs, tensors if tensors is not None else ghn.predict_tensors(model, input_size),
+                             metadata)
+
+
+def bn_calibration(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``bn_calibration`` record of a predicted safetensors file (None for files without one)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        record = (file.metadata() or {}).get("bn_calibration")
+    return json.loads(record) if record else None
 
 
 def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: int | None = None,
                    img_size: int | None = None, model_kwargs: dict[str, Any] | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, calibrate_bn: bool = True, calibration_images: torch.Tensor | None = None,
+                   calibration_source: str | None = None) -> Path:
     """Predict weights for timm's ``name`` and write a timm-loadable folder at ``out``.
 
-    All files are written to a temporary folder first: a failure leaves nothing behind.
+    BatchNorm statistics are calibrated as :func:`write_predicted` does, and the card and
+    config.json say how. All files are written to a temporary folder first: a failure leaves
+    nothing behind.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -147,9 +201,12 @@ def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: 
         "ghn_init": {"ghn": ghn_name, "sha256": ghn_hash, "note": "weights predicted by a GHN, not trained"},
     }
     with staged_folder(out) as staging:
+        weights = write_predicted(ghn, model, input_size, staging / "model.safetensors",
+                                  metadata={"format": "pt", "ghn_sha256": ghn_hash}, calibrate_bn=calibrate_bn,
+                                  calibration_images=calibration_images, calibration_source=calibration_source)
+        config["ghn_init"]["bn_calibration"] = calibration = bn_calibration(weights)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_predicted(ghn, model, input_size, staging / "model.safetensors",
-                        metadata={"format": "pt", "ghn_sha256": ghn_hash})
         (staging / "README.md").write_text(predicted_card(name, config["model_args"], ghn_name, ghn_hash,
-                                                          n_classes, {**data, "input_size": list(input_size)}))
+                                                          n_classes, {**data, "input_size": list(input_size)},
+                                                          bn_calibration=calibration))
     return out

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .graph import OP_TYPES, ROLES, ArchGraph, build_graph
+from .graph import OP_TYPES, ROLES, ArchGraph, _default_input_size, build_graph
 from .transformer import GraphTransformer
 
 __all__ = ["GHN", "GHNConfig", "PredictionReport", "norm_statistics"]
@@ -496,19 +496,23 @@ class GHN(nn.Module):
                            commit_message=commit_message, model_card=model_card)
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, input_size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """A state dict for ``model``: same keys, shapes and dtypes; BN statistics at identity.
+    def predict(self, model: nn.Module, input_size: Sequence[int] | None = None, *,
+                calibrate_bn: bool = True) -> dict[str, torch.Tensor]:
+        """A state dict for ``model``: same keys, shapes and dtypes. Tensors are returned on the CPU.
 
-        Works on meta-device models. Tensors are returned on the CPU.
+        Works on meta-device models. BatchNorm running statistics are calibrated data-free at
+        ``input_size`` (:func:`ghn_init.batchnorm.calibrate_predicted`), so eval mode works out of
+        the box; ``calibrate_bn=False`` leaves them at identity, as :meth:`predict_tensors` does.
         """
-        return dict(self.predict_tensors(model, input_size))
+        return self._predict(model, input_size, calibrate_bn)[0]
 
     def predict_tensors(self, model: nn.Module,
                         input_size: Sequence[int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` for every state-dict entry in order, each made only when asked for.
 
         Memory for one full-size tensor at a time: the way to write models larger than RAM
-        straight to a file (see :func:`ghn_init.export.save_predicted`).
+        straight to a file (see :func:`ghn_init.export.save_predicted`). BatchNorm statistics are at
+        identity: calibrating them needs every weight at once (:meth:`predict` does).
         """
         for name, tensor, _ in self._stream(model, input_size):
             yield name, tensor
@@ -556,14 +560,18 @@ class GHN(nn.Module):
                     "statistic, so its values are unknown; build the model on the CPU to predict it."
                 )
 
-    def _predict(self, model: nn.Module,
-                 input_size: Sequence[int] | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def _predict(self, model: nn.Module, input_size: Sequence[int] | None,
+                 calibrate_bn: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         state: dict[str, torch.Tensor] = {}
         kept: dict[str, str] = {}
         for name, tensor, note in self._stream(model, input_size):
             state[name] = tensor
             if note is not None:
                 kept[name] = note
+        if calibrate_bn:
+            from .batchnorm import calibrate_predicted
+
+            calibrate_predicted(model, state, input_size or _default_input_size(model), self.data_config)
         return state, kept
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from . import __version__
+from .batchnorm import DATA_FREE
 from .export import create_meta_model, input_size_for, write_predicted
 from .ghn import GHN
 from .hub import content_hash, load
@@ -40,12 +41,17 @@ def _kwargs_key(kwargs: dict[str, Any]) -> str:
 
 
 def predicted_file(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Path:
-    """Path of the predicted safetensors for ``timm.create_model(name, **timm_kwargs)``, made on first use."""
+    """Path of the predicted safetensors for ``timm.create_model(name, **timm_kwargs)``, made on first use.
+
+    BatchNorm statistics are calibrated without data (:func:`ghn_init.export.write_predicted`); the
+    file's ``bn_calibration`` metadata says how.
+    """
     ghn = ghn or load()
     ghn_hash = content_hash(ghn)
-    # The library version is in the key: a release that changes how tensors are made from a GHN must
-    # not serve files an older release predicted.
-    key = hashlib.sha256(f"{__version__}|{ghn_hash}|{name}|{_kwargs_key(timm_kwargs)}".encode()).hexdigest()[:20]
+    # The library version and the BatchNorm calibration are in the key: a release that changes how
+    # tensors or statistics are made from a GHN must not serve files an older release predicted.
+    key = hashlib.sha256(f"{__version__}|{DATA_FREE}|{ghn_hash}|{name}|{_kwargs_key(timm_kwargs)}".encode()
+                         ).hexdigest()[:20]
     path = cache_dir() / ghn_hash[:16] / f"{name}-{key}.safetensors"
     if path.is_file():
         return path

@@ -3,8 +3,8 @@
 The folder holds ``config.json`` in timm's layout (architecture, num_classes, model_args and a
 pretrained_cfg with the normalization the GHN was trained with, plus a ``ghn_init`` block naming
 the GHN by content hash and how BatchNorm statistics were calibrated), ``model.safetensors`` and a
-``README.md`` model card. Nothing from
-timm's registry that would be false for predicted weights (tag, license, paper) is copied.
+``README.md`` model card. Nothing from timm's registry that would be false for predicted weights
+(tag, license, paper) is copied.
 """
 
 from __future__ import annotations

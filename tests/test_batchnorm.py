@@ -135,8 +135,10 @@ def test_models_with_unsaved_meta_buffers_keep_identity_with_a_warning(default_g
         model = Shifted()
     with caplog.at_level(logging.WARNING, logger="ghn_init.batchnorm"):
         state = default_ghn.predict(model, (3, 8, 8))
+        record = calibrate_predicted(model, state, (3, 8, 8))
     assert torch.equal(state["bn.running_var"], torch.ones(4))
-    assert "shift" in caplog.text and "identity" in caplog.text
+    assert record["method"] == "identity" and "shift" in record["reason"]
+    assert "shift" in caplog.text and "left at identity" in caplog.text
     levit, _ = create_meta_model("levit_128s", num_classes=10)
     assert not any(b.is_meta for b in levit.buffers()), "rebuilt with real buffers, so it can be calibrated"
 

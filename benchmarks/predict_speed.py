@@ -4,7 +4,8 @@ For each model: median of ``--repeats`` runs (default 10) of
 ``ghn.predict(timm.create_model(name, device="meta"))`` and of ``timm.create_model(name)`` on the
 CPU, measured in the same worker process (after one warm-up each, interleaved), and the peak RSS
 above the post-import baseline of a fresh worker running one method once. Writes
-benchmarks/results/predict_speed.{json,png} and a table in RESULTS.md.
+benchmarks/results/predict_speed.{json,png} and a table in RESULTS.md; with ``--ghn REF --label L``
+(e.g. a converted GHN-3-T) the same for that GHN, as predict_speed_L.{json,png} and its own table.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import json, resource, statistics, sys, time
 import torch, timm, ghn_init
 torch.set_num_threads(int(sys.argv[3]))
 name, method, repeats = sys.argv[1], sys.argv[2], int(sys.argv[4])
-ghn = ghn_init.load()
+ghn = ghn_init.load(sys.argv[5] or None)
 methods = {"ghn": lambda: ghn.predict(timm.create_model(name, num_classes=1000, device="meta")),
            "timm": lambda: timm.create_model(name, num_classes=1000)}
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -43,8 +44,8 @@ print(json.dumps(result))
 """
 
 
-def measure(name: str, method: str, threads: int, repeats: int = 1) -> dict:
-    out = subprocess.run([sys.executable, "-c", _WORKER, name, method, str(threads), str(repeats)],
+def measure(name: str, method: str, threads: int, repeats: int = 1, ghn: str | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", _WORKER, name, method, str(threads), str(repeats), ghn or ""],
                          capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -54,22 +55,33 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per method (median reported)")
+    parser.add_argument("--ghn", help="GHN to time (default: the embedded GHN)")
+    parser.add_argument("--label", help="name of this GHN's results (required with --ghn), e.g. ghn3-t")
     args = parser.parse_args()
+    if bool(args.ghn) != bool(args.label):
+        parser.error("--ghn and --label go together")
     setup = {"models": args.models, "threads": args.threads, "repeats": args.repeats, "machine": machine()}
+    if args.ghn:
+        import ghn_init
+
+        ghn = ghn_init.load(args.ghn)
+        setup.update(ghn=ghn.meta.get("name", args.ghn), ghn_sha256=ghn_init.content_hash(ghn)[:16])
     print(json.dumps(setup, indent=2))
     rows = {}
     for name in args.models:
-        times = measure(name, "both", args.threads, args.repeats)
+        times = measure(name, "both", args.threads, args.repeats, args.ghn)
         rows[name] = {"params_m": round(times["params"] / 1e6, 1), "ghn_predict_s": round(times["ghn"], 4),
                       "timm_init_s": round(times["timm"], 4), "ratio": round(times["ghn"] / times["timm"], 3),
-                      "ghn_peak_rss_mb": round(measure(name, "ghn", args.threads)["peak_rss_mb"]),
-                      "timm_peak_rss_mb": round(measure(name, "timm", args.threads)["peak_rss_mb"])}
+                      "ghn_peak_rss_mb": round(measure(name, "ghn", args.threads, ghn=args.ghn)["peak_rss_mb"]),
+                      "timm_peak_rss_mb": round(measure(name, "timm", args.threads, ghn=args.ghn)["peak_rss_mb"])}
         print(name, json.dumps(rows[name]))
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "predict_speed.json").write_text(json.dumps({"setup": setup, "models": rows}, indent=2) + "\n")
-    _plot(rows, out / "predict_speed.png")
-    lines = [f"{setup['machine']['processor']}, {setup['machine']['cpus']} CPUs, {args.threads} torch threads, "
+    stem = f"predict_speed_{args.label}" if args.label else "predict_speed"
+    (out / f"{stem}.json").write_text(json.dumps({"setup": setup, "models": rows}, indent=2) + "\n")
+    _plot(rows, out / f"{stem}.png")
+    which = f"{setup['ghn']} (sha256 {setup['ghn_sha256']}); " if args.ghn else ""
+    lines = [f"{which}{setup['machine']['processor']}, {setup['machine']['cpus']} CPUs, {args.threads} torch threads, "
              f"torch {setup['machine']['torch']}, timm {setup['machine']['timm']}; medians of {args.repeats} after a "
              "warm-up, 1,000 classes.", "",
              "| model | params (M) | ghn.predict on meta (s) | timm.create_model on CPU (s) | ratio "
@@ -78,8 +90,11 @@ def main() -> None:
     for name, r in rows.items():
         lines.append(f"| {name} | {r['params_m']} | {r['ghn_predict_s']:.3f} | {r['timm_init_s']:.3f} | "
                      f"**{r['ratio']:.2f}** | {r['ghn_peak_rss_mb']} / {r['timm_peak_rss_mb']} |")
-    lines += ["", "`python benchmarks/predict_speed.py` -> `benchmarks/results/predict_speed.json`, `.png`"]
-    update_results("predict_speed", "## Prediction speed against timm's random init\n\n" + "\n".join(lines))
+    command = "python benchmarks/predict_speed.py" + (f" --ghn {args.ghn} --label {args.label}" if args.ghn else "")
+    lines += ["", f"`{command}` -> `benchmarks/results/{stem}.json`, `.png`"]
+    title = f"## Prediction speed of {args.label} against timm's random init" if args.label else \
+        "## Prediction speed against timm's random init"
+    update_results(stem, title + "\n\n" + "\n".join(lines))
 
 
 def _plot(rows: dict, path) -> None:

@@ -5,6 +5,9 @@
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         examples/finetune.py resnet18 --cpu --steps 500
 
+The last line is how to get two processes on a CPU: ``accelerate launch --cpu --num_processes 2`` starts ONE.
+The main process prints how many processes ran, and says so when that is fewer than the launch asked for.
+
 Recipe (DESIGN.md, ``train_ghn.sgd.SGDRecipe``): timm's SGD (Nesterov momentum 0.9, weight decay 5e-4
 except on biases and norms), one-cycle lr peaking at 0.05, batch 64 per process, random horizontal
 flips, optional label smoothing; BatchNorm models are evaluated in eval mode after training.
@@ -15,8 +18,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -123,6 +127,27 @@ def finetune(model: nn.Module, train: Split, test: Split, accelerator: Accelerat
             "initial_sha256": gather_object([initial])}
 
 
+CPU_LAUNCH = ("accelerate launch --multi_gpu --num_processes N --num_machines 1 --mixed_precision no "
+              "--dynamo_backend no examples/finetune.py ... --cpu")
+
+
+def process_count_message(num_processes: int, env: Mapping[str, str] = os.environ) -> str:
+    """How many processes ran, and a plain warning when the launch asked for more.
+
+    ``WORLD_SIZE`` is the count torchrun (and ``accelerate launch --multi_gpu``) started. Without
+    ``--multi_gpu``, or with ``--cpu``, ``accelerate launch`` runs its simple launcher: one process whatever
+    ``--num_processes`` says, with ``MASTER_ADDR`` set only when that asked for more than one.
+    """
+    message = f"{num_processes} process{'es' if num_processes > 1 else ''} ran"
+    asked = env.get("WORLD_SIZE")
+    if asked is not None and asked.isdigit() and int(asked) != num_processes:
+        return f"{message}, but WORLD_SIZE asked for {asked}: check the launcher and the Accelerator's settings"
+    if num_processes == 1 and asked is None and "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env:
+        return (f"{message}, but accelerate launch asked for more: without --multi_gpu (or with --cpu) it starts "
+                f"ONE process whatever --num_processes says. For N CPU processes run: {CPU_LAUNCH}")
+    return message
+
+
 def _kwarg(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -156,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     accelerator = Accelerator(cpu=args.cpu)
+    if accelerator.is_main_process:
+        print(process_count_message(accelerator.num_processes), flush=True)
     kwargs = dict(args.kwarg, **({"img_size": args.img_size} if args.img_size else {}))
     set_seed(args.seed)
     with accelerator.main_process_first():  # rank 0 predicts and caches; the others read the cache

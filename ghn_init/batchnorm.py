@@ -163,9 +163,19 @@ def synthetic_images(count: int, input_size: Sequence[int], mean: Sequence[float
         images = math.sqrt(1 - share) * texture + math.sqrt(share) * offsets.view(count, channels, *[1] * len(size))
     if mean is not None and std is not None:
         view = (1, channels, *[1] * len(size))
-        m, s = torch.tensor(mean).view(view), torch.tensor(std).view(view)
+        m, s = _per_channel(mean, channels).view(view), _per_channel(std, channels).view(view)
         images = torch.maximum(torch.minimum(images, (1 - m) / s), -m / s)
     return images
+
+
+def _per_channel(values: Sequence[float], channels: int) -> torch.Tensor:
+    """RGB normalization values for ``channels`` inputs: as given for 3, their mean for grayscale, else cycled."""
+    values = torch.tensor(list(values), dtype=torch.float32)
+    if channels == len(values):
+        return values
+    if channels == 1:
+        return values.mean().view(1)
+    return values[torch.arange(channels) % len(values)]
 
 
 def _twin(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -188,8 +198,9 @@ def calibrate_predicted(model: nn.Module, state: dict[str, torch.Tensor], input_
     ``model`` may live on the meta device; it is not changed. Without ``images`` the statistics
     come from :func:`synthetic_images` at ``input_size`` matched to ``data_config``'s normalization
     (data-free, deterministic in ``seed``); with ``images`` (normalized, e.g. real training images,
-    described by ``source``) from those, resized to ``input_size`` if needed. Returns what was done,
-    as recorded in a predicted folder's config.json and safetensors metadata.
+    described by ``source``) from those, resized to ``input_size`` if needed. Only running means and
+    variances change: ``num_batches_tracked`` stays 0. Returns what was done, as recorded in a
+    predicted folder's config.json and safetensors metadata.
     """
     if not has_running_stats(model):
         return {"method": "none", "reason": "the model has no BatchNorm running statistics"}
@@ -218,4 +229,7 @@ def calibrate_predicted(model: nn.Module, state: dict[str, torch.Tensor], input_
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     with _one_thread():  # the same statistics with any thread count
         calibrate_batchnorm(twin, images.to(dtype), batch_size=_BATCH_SIZE)
+    for norm in _tracked_norms(twin):  # an estimate, not training history: batch counts stay at 0
+        if norm.num_batches_tracked is not None:
+            norm.num_batches_tracked.zero_()
     return record

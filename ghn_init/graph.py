@@ -429,6 +429,18 @@ def _trace(
     return outputs, names, aliases, x, fused
 
 
+_SIZE_WORDS = ("size", "shape", "dimension", "match", "height", "width", "channel")
+
+
+def _forward_hint(err: Exception) -> str:
+    """What to check after a failed forward: a wrongly typed value a model was built with fails as a
+    TypeError or ValueError that says nothing about sizes; anything else is most likely the input size."""
+    if isinstance(err, (TypeError, ValueError)) and not any(word in str(err).lower() for word in _SIZE_WORDS):
+        return ("The model rejected a value it was built with: check its kwargs (e.g. each --kwarg KEY=VALUE) "
+                "against timm's signature for it.")
+    return "Pass the size the model was built for (e.g. --img-size or input_size=(C, H, W))."
+
+
 def build_graph(model: nn.Module, input_size: Sequence[int] | None = None, *, name: str | None = None) -> ArchGraph:
     """Extract the :class:`ArchGraph` of ``model`` for inputs of ``input_size`` = (C, H, W).
 
@@ -442,8 +454,7 @@ def build_graph(model: nn.Module, input_size: Sequence[int] | None = None, *, na
     except Exception as err:  # noqa: BLE001 - any forward failure is reported with model and size
         raise GraphBuildError(
             f"forward pass of {label} failed for input size {'x'.join(map(str, input_size))}: "
-            f"{type(err).__name__}: {str(err).rstrip('.')}. Pass the size the model was built for "
-            f"(e.g. --img-size or input_size=(C, H, W))."
+            f"{type(err).__name__}: {str(err).rstrip('.')}. {_forward_hint(err)}"
         ) from err
     if not outputs:
         raise GraphBuildError(f"{label} returned no tensor that depends on its parameters or input")

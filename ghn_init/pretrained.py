@@ -21,9 +21,9 @@ from torch import nn
 
 from . import __version__
 from .batchnorm import DATA_FREE
-from .export import create_meta_model, input_size_for, write_predicted
+from .export import create_target_model, input_size_for, write_predicted
 from .ghn import GHN
-from .hub import content_hash, load
+from .hub import content_hash, load, remove_stale
 
 __all__ = ["cache_dir", "create_model", "predicted_file", "pretrained_cfg"]
 
@@ -43,8 +43,9 @@ def _kwargs_key(kwargs: dict[str, Any]) -> str:
 def predicted_file(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Path:
     """Path of the predicted safetensors for ``timm.create_model(name, **timm_kwargs)``, made on first use.
 
-    BatchNorm statistics are calibrated without data (:func:`ghn_init.export.write_predicted`); the
-    file's ``bn_calibration`` metadata says how.
+    The file is written under a name with this process's ID and renamed when complete; ``.partial`` files
+    of processes that were killed are removed here. BatchNorm statistics are calibrated without data
+    (:func:`ghn_init.export.write_predicted`); the file's ``bn_calibration`` metadata says how.
     """
     ghn = ghn or load()
     ghn_hash = content_hash(ghn)
@@ -56,11 +57,15 @@ def predicted_file(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Pat
     if path.is_file():
         return path
     kwargs = dict(timm_kwargs)
-    model, _ = create_meta_model(name, num_classes=kwargs.pop("num_classes", None), **kwargs)
+    model, _ = create_target_model(name, ghn, num_classes=kwargs.pop("num_classes", None), **kwargs)
+    input_size = input_size_for(model, ghn, timm_kwargs.get("img_size"))
+    if timm_kwargs.get("in_chans") is not None:  # older timm sets no model.in_chans to read them from
+        input_size = (timm_kwargs["in_chans"], *input_size[1:])
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent.glob("*.partial"))  # of processes killed while writing
     partial = path.with_suffix(f".{os.getpid()}.partial")
     try:
-        write_predicted(ghn, model, input_size_for(model, ghn, timm_kwargs.get("img_size")), partial,
+        write_predicted(ghn, model, input_size, partial,
                         metadata={"format": "pt", "ghn_sha256": ghn_hash, "architecture": name})
         os.replace(partial, path)
     finally:
@@ -86,12 +91,17 @@ def pretrained_cfg(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Any
         input_size = (input_size[0], model_size, model_size)
     elif data.get("input_size") and not base.fixed_input_size:
         input_size = (input_size[0], *data["input_size"][1:])
+    first_conv = base.first_conv
+    if timm_kwargs.get("in_chans") is not None:  # the stem was predicted for these channels: nothing to adapt
+        input_size = (timm_kwargs["in_chans"], *input_size[1:])
+        if timm_kwargs["in_chans"] != 3:  # timm before 1.0.31 adapts first_conv from 3 channels regardless
+            first_conv = None
     return dataclasses.replace(
         base, file=str(file), url="", hf_hub_id=None, hf_hub_filename=None, source=None, state_dict=None,
         tag="ghn", license=None, paper_ids=None, paper_name=None, origin_url=None, notes=None, custom_load=False,
         description=f"weights predicted by the GHN {ghn.meta.get('name', '')} (sha256 {content_hash(ghn)[:16]})",
         num_classes=timm_kwargs.get("num_classes", base.num_classes), label_offset=None, label_names=None,
-        label_descriptions=None, input_size=input_size, test_input_size=None,
+        label_descriptions=None, input_size=input_size, test_input_size=None, first_conv=first_conv,
         mean=tuple(data.get("mean", base.mean)), std=tuple(data.get("std", base.std)),
         interpolation=data.get("interpolation", base.interpolation), crop_pct=data.get("crop_pct", base.crop_pct),
     )

@@ -4,10 +4,15 @@
 billion-parameter model are made one tensor at a time, so they are written as they come: the
 header is known up front (names, dtypes and shapes are those of the meta-device model), then
 each tensor's bytes are appended. Peak memory is the largest tensor, not the model.
+
+Readers may still hold a whole file: ``accelerate.load_checkpoint_and_dispatch`` reads a single
+file completely whatever its ``max_memory``, but a sharded checkpoint one shard at a time, so
+:func:`write_safetensors_shards` writes the Hugging Face layout of shards plus an index.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -16,7 +21,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["write_safetensors"]
+__all__ = ["SHARD_INDEX", "write_safetensors", "write_safetensors_shards"]
+
+#: Index of a sharded checkpoint, named as transformers, accelerate and huggingface_hub expect it.
+SHARD_INDEX = "model.safetensors.index.json"
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -68,3 +76,54 @@ def write_safetensors(path: str | os.PathLike, specs: dict[str, tuple[torch.dtyp
         path.unlink(missing_ok=True)
         raise
     return path
+
+
+def _shard_plan(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list[str]]:
+    """Consecutive names in groups of at most ``max_bytes``; a tensor larger than that is a group of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (dtype, shape) in specs.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_safetensors_shards(folder: str | os.PathLike, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                             tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size: int | str = "1GB",
+                             metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` into ``folder`` as ``model-00001-of-0000N.safetensors`` shards plus :data:`SHARD_INDEX`.
+
+    ``max_shard_size`` is bytes or a string such as ``"500MB"`` or ``"2GiB"``; a tensor larger than it
+    gets a shard of its own. Returns the index path. On any error the files written so far are removed.
+    """
+    if isinstance(max_shard_size, str):
+        from accelerate.utils import convert_file_size_to_int
+
+        max_shard_size = convert_file_size_to_int(max_shard_size)
+    if max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = _shard_plan(specs, max_shard_size)
+    files = [folder / f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    index = folder / SHARD_INDEX
+    stream = iter(tensors)
+    try:
+        for names, path in zip(plan, files):
+            write_safetensors(path, {name: specs[name] for name in names}, itertools.islice(stream, len(names)),
+                              metadata)
+        extra = next(stream, None)
+        if extra is not None:
+            raise ValueError(f"tensor {extra[0]!r} arrived after every tensor of the header was written")
+        total = sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
+        weight_map = {name: path.name for names, path in zip(plan, files) for name in names}
+        index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    except BaseException:
+        for path in [*files, index]:
+            path.unlink(missing_ok=True)
+        raise
+    return index

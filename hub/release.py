@@ -3,14 +3,18 @@
     python hub/release.py runs/stage3/final --name ghn2-cifar10 \
         --earlier runs/stage1/final runs/stage2/final \
         --evaluation benchmarks/results/default_ghn_quality.json benchmarks/results/default_ghn_quality_full.json \
-        --finetune benchmarks/results/finetune.json [--push-to-hub ORG/REPO]
+        --finetune benchmarks/results/finetune.json --notes hub/notes/ghn2-cifar10.md [--push-to-hub ORG/REPO]
 
 The folder gets the GHN's config.json and model.safetensors and a model card stating its data,
 its training stages and compute, and the accuracies in the given evaluation JSON files (written by
 ``benchmarks/default_ghn_quality.py``): as tables, and as the card's ``model-index`` metadata, which
 the Hub shows; with ``--finetune``, also the fine-tuning benchmark's table (card only). The quality
 results are also kept in config.json (``evaluation``), so a later ``ghn_init.hub.push_to_hub`` of the
-loaded GHN writes the same metadata. ``hub/ghn2-cifar10`` is the embedded default GHN.
+loaded GHN writes the same metadata. Every number in the card comes from those JSON files; the notes
+are prose about how the GHN was made. ``hub/ghn2-cifar10`` is the embedded default GHN; a release
+folder is its own input when only the card changes (weights and config.json come out unchanged):
+
+    python hub/release.py hub/ghn2-cifar10 --name ghn2-cifar10 --evaluation ... --finetune ... --notes ...
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ghn_init.cards import ghn_card
+from ghn_init.cards import architecture_has_batchnorm, ghn_card
+from ghn_init.ghn import GHN
 from ghn_init.hub import load_folder, push_folder
 from train_ghn.trainer import summarize_stages, training_stages
 
@@ -32,13 +37,18 @@ def evaluation_markdown(paths: list[Path]) -> str:
     for path in paths:
         result = json.loads(path.read_text())
         setup = result["setup"]
-        lines = [f"CIFAR-10, {setup['split']}, BatchNorm recalibrated on {setup['calibrate_bn_images']} unlabeled "
-                 "train images (eval mode) and batch statistics; weights predicted for architectures the GHN "
-                 "never saw, saved by `ghn-init predict` and loaded by plain timm.", "",
-                 "| architecture | timm kwargs | predicted, BN recalibrated | predicted, batch stats "
-                 "| timm default init |",
+        rows = result["architectures"]
+        without_bn = [name for name, row in rows.items() if architecture_has_batchnorm(name, row["kwargs"]) is False]
+        lines = [f"CIFAR-10, {setup['split']}: weights predicted for architectures the GHN never saw, saved by "
+                 "`ghn-init predict` and loaded by plain timm. Eval mode after recalibrating BatchNorm statistics on "
+                 f"{setup['calibrate_bn_images']} unlabeled train images, and train mode (batch statistics, "
+                 "GHN-2's protocol)"
+                 + (f"; {', '.join(without_bn)} have no BatchNorm, so for them eval mode involves no recalibration."
+                    if without_bn else "."), "",
+                 "| architecture | timm kwargs | predicted, eval mode | predicted, train mode "
+                 "| timm default init, eval mode |",
                  "|---|---|---|---|---|"]
-        for name, row in result["architectures"].items():
+        for name, row in rows.items():
             lines.append(f"| {name} | `{json.dumps(row['kwargs'])}` | {row['ghn']['acc_bn_calibrated']:.1%} | "
                          f"{row['ghn']['acc_batch_stats']:.1%} | {row['default_init']['acc_bn_calibrated']:.1%} |")
         lines.append(f"| **mean** | | **{result['mean_ghn_acc_bn_calibrated']:.1%}** | | |")
@@ -81,9 +91,20 @@ def finetune_markdown(path: Path) -> str:
     return "\n".join(lines)
 
 
+def release_card(ghn: GHN, evaluation: list[Path], finetune: Path | None = None, notes: Path | None = None,
+                 repo_id: str | None = None) -> str:
+    """The model card of a release: ``ghn``'s meta (training stages, data) plus the benchmark JSON files."""
+    card = ghn_card(ghn, evaluation_markdown(evaluation) if evaluation else None, repo_id=repo_id)
+    if finetune:
+        card += "\n## Fine-tuning from the predicted weights\n\n" + finetune_markdown(finetune)
+    if notes:
+        card += "\n## Notes\n\n" + notes.read_text().strip() + "\n"
+    return card
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ghn", type=Path, help="folder of the trained GHN (a run's final/)")
+    parser.add_argument("ghn", type=Path, help="folder of the trained GHN (a run's final/, or the release folder)")
     parser.add_argument("--name", required=True, help="release name: the folder hub/<name>/")
     parser.add_argument("--earlier", type=Path, nargs="*", default=[],
                         help="GHN folders of earlier training stages whose runs this one continued, oldest first")
@@ -99,12 +120,7 @@ def main() -> None:
     ghn.meta["name"] = args.name
     if args.evaluation:
         ghn.meta["evaluation"] = [json.loads(path.read_text()) for path in args.evaluation]
-    card = ghn_card(ghn, evaluation_markdown(args.evaluation) if args.evaluation else None,
-                    repo_id=args.push_to_hub)
-    if args.finetune:
-        card += "\n## Fine-tuning from the predicted weights\n\n" + finetune_markdown(args.finetune)
-    if args.notes:
-        card += "\n## Notes\n\n" + args.notes.read_text().strip() + "\n"
+    card = release_card(ghn, args.evaluation, args.finetune, args.notes, repo_id=args.push_to_hub)
     folder = ghn.save_pretrained(HUB / args.name, model_card=card)
     print(f"wrote {folder}")
     if args.push_to_hub:

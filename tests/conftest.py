@@ -19,10 +19,24 @@ def reference_fixtures_dir() -> Path:
     return Path(os.environ.get("GHN_INIT_FIXTURES", default))
 
 
+def _hub_unreachable() -> str | None:
+    """Why tests that download from the Hugging Face Hub cannot run here, or None when they can."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set: tests that download published GHNs from the Hub are skipped"
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError as err:
+        return f"the Hugging Face Hub is not reachable ({err})"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     npz = data_root() / "cifar10" / "cifar10-jpeg75.npz"
     fixtures = reference_fixtures_dir() / "manifest.json"
     missing = {
+        "network": _hub_unreachable() if any("network" in item.keywords for item in items) else None,
         "data": None if npz.is_file() else f"CIFAR-10 copy not found at {npz}; set GHN_INIT_DATA",
         "fixtures": None if fixtures.is_file() else f"GHN reference fixtures not found at {fixtures.parent}; "
                                                       "set GHN_INIT_FIXTURES",

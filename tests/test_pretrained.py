@@ -1,5 +1,8 @@
 """timm integration: pretrained_cfg / create_model give exactly ghn.predict's tensors; Hub cache loading."""
 
+import signal
+
+import slow_writer
 import timm
 import torch
 
@@ -55,3 +58,17 @@ def test_load_from_hand_built_hub_cache_offline(tmp_path, monkeypatch, default_g
     model = timm.create_model("convnext_atto", num_classes=7, device="meta")
     expected = default_ghn.predict(model)
     assert all(torch.equal(expected[k], v) for k, v in ghn.predict(model).items())
+
+
+def test_partial_file_of_a_killed_process_is_swept(tmp_path, monkeypatch):
+    code = "import ghn_init\nghn_init.create_model('resnet18', num_classes=10)\n"
+    child = slow_writer.start(code, env={"GHN_INIT_CACHE": str(tmp_path)})
+    slow_writer.wait_for(lambda: any(tmp_path.rglob("*.partial")), child)
+    child.send_signal(signal.SIGTERM)  # a library caller has no handler: the process dies mid-write
+    child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGTERM
+    [partial] = tmp_path.rglob("*.partial")
+    monkeypatch.setenv("GHN_INIT_CACHE", str(tmp_path))
+    path = ghn_init.pretrained.predicted_file("resnet18", num_classes=10)
+    assert path.is_file() and not partial.exists()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]

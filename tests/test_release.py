@@ -42,3 +42,16 @@ def test_finetune_section_needs_both_inits_over_several_seeds(tmp_path):
     path.write_text(json.dumps({"setup": {"recipe": {"seeds": [0]}}, "architectures": {"resnet18": row}}))
     with pytest.raises(SystemExit, match="resnet18.*--inits ghn default --seeds"):
         _release().finetune_markdown(path)
+
+
+def test_committed_card_is_what_release_generates():
+    """hub/ghn2-cifar10/README.md is regenerated, never hand-edited: the command is in release.py's docstring."""
+    from ghn_init.hub import load_folder
+
+    root = RELEASE.parents[1]
+    results = root / "benchmarks" / "results"
+    card = _release().release_card(
+        load_folder(root / "hub" / "ghn2-cifar10"),
+        [results / "default_ghn_quality.json", results / "default_ghn_quality_full.json"],
+        finetune=results / "finetune.json", notes=root / "hub" / "notes" / "ghn2-cifar10.md")
+    assert card == (root / "hub" / "ghn2-cifar10" / "README.md").read_text()

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ghn_init.export import write_predicted
-from ghn_init.streaming import write_safetensors
+from ghn_init.batchnorm import DATA_FREE
+from ghn_init.export import write_predicted, write_predicted_shards
+from ghn_init.streaming import SHARD_INDEX, write_safetensors, write_safetensors_shards
 
 
 def test_streamed_file_loads_with_safetensors(default_ghn, tmp_path):
@@ -57,3 +59,34 @@ def test_peak_memory_of_a_large_prediction(tmp_path, mode, limit):
                          capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
     probe = json.loads(run.stdout.strip().splitlines()[-1])
     assert probe["extra"] <= limit * probe["weights"], probe
+
+
+def test_shards_split_at_the_size_limit_and_load_as_one_state(default_ghn, tmp_path):
+    model = timm.create_model("resnet18", num_classes=10, device="meta")
+    index = write_predicted_shards(default_ghn, model, (3, 32, 32), tmp_path, max_shard_size="5MB")
+    expected = default_ghn.predict(model, (3, 32, 32))
+    layout = json.loads(index.read_text())
+    files = sorted(set(layout["weight_map"].values()))
+    assert index.name == SHARD_INDEX and list(layout["weight_map"]) == list(expected)
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    assert layout["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
+    loaded = {}
+    for name in files:
+        shard = load_file(tmp_path / name)
+        too_big = [k for k in shard if expected[k].numel() * expected[k].element_size() > 5e6]
+        assert sum(t.numel() * t.element_size() for t in shard.values()) <= 5e6 or too_big == list(shard), name
+        assert all(layout["weight_map"][k] == name for k in shard)
+        loaded.update(shard)
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], v) for k, v in expected.items())
+    with safe_open(tmp_path / files[0], "pt") as f:
+        assert f.metadata()["format"] == "pt" and json.loads(f.metadata()["bn_calibration"])["method"] == DATA_FREE
+
+
+@pytest.mark.parametrize("bad", ["short", "long"])
+def test_shard_stream_mismatch_leaves_no_files(tmp_path, bad):
+    specs = {"a": (torch.float32, (4,)), "b": (torch.float32, (4,)), "c": (torch.float32, (4,))}
+    tensors = [(k, torch.zeros(4)) for k in specs] + [("d", torch.zeros(4))]
+    stream = tensors[:2] if bad == "short" else tensors
+    with pytest.raises(ValueError, match="never arrived" if bad == "short" else "'d' arrived after"):
+        write_safetensors_shards(tmp_path, specs, stream, max_shard_size=20)
+    assert list(tmp_path.iterdir()) == []

@@ -190,13 +190,14 @@ def _twin(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return twin
 
 
-def calibrate_predicted(model: nn.Module, state: dict[str, torch.Tensor], input_size: Sequence[int],
+def calibrate_predicted(model: nn.Module, state: dict[str, torch.Tensor] | None, input_size: Sequence[int],
                         data_config: dict[str, Any] | None = None, *, images: torch.Tensor | None = None,
                         source: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Replace the norm statistics in ``state`` (predicted weights for ``model``) with calibrated ones, in place.
 
-    ``model`` may live on the meta device; it is not changed. Without ``images`` the statistics
-    come from :func:`synthetic_images` at ``input_size`` matched to ``data_config``'s normalization
+    ``model`` may live on the meta device and is not changed; with ``state=None`` the model itself
+    holds the predicted weights (after ``apply_``) and its statistics are replaced. Without ``images``
+    the statistics come from :func:`synthetic_images` at ``input_size`` matched to ``data_config``'s normalization
     (data-free, deterministic in ``seed``); with ``images`` (normalized, e.g. real training images,
     described by ``source``) from those, resized to ``input_size`` if needed. Only running means and
     variances change: ``num_batches_tracked`` stays 0. Returns what was done, as recorded in a
@@ -205,14 +206,16 @@ def calibrate_predicted(model: nn.Module, state: dict[str, torch.Tensor], input_
     if not has_running_stats(model):
         return {"method": "none", "reason": "the model has no BatchNorm running statistics"}
     input_size = tuple(int(s) for s in input_size)
-    twin = _twin(model, state)
+    twin = model if state is None else _twin(model, state)
     on_meta = [name for name, buffer in twin.named_buffers() if buffer.is_meta]
     if on_meta:
         reason = (f"buffers {on_meta[:3]} are on the meta device (not in the state dict), so the model cannot run; "
                   "build it with real buffers (ghn_init.export.create_meta_model does)")
         logger.warning("BatchNorm statistics of %s left at identity: %s", type(model).__name__, reason)
         return {"method": "identity", "reason": reason}
-    twin.to(next(iter(state.values())).device)
+    tensors = list(twin.state_dict().values())
+    if state is not None:
+        twin.to(tensors[0].device)
     if images is None:
         data_config = data_config or {}
         count = data_free_images(input_size)
@@ -226,7 +229,7 @@ def calibrate_predicted(model: nn.Module, state: dict[str, torch.Tensor], input_
             record["resized_from"] = list(images.shape[1:])
             images = nn.functional.interpolate(images.float(), size=input_size[1:], mode="bilinear",
                                                antialias=True, align_corners=False)
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     with _one_thread():  # the same statistics with any thread count
         calibrate_batchnorm(twin, images.to(dtype), batch_size=_BATCH_SIZE)
     for norm in _tracked_norms(twin):  # an estimate, not training history: batch counts stay at 0

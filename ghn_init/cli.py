@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .coverage import MAX_CPU_PARAMS
 
 __all__ = ["build_parser", "main"]
 
@@ -188,7 +189,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _coverage(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from .coverage import run_coverage, select_models
+    from .coverage import check_counts, run_coverage, select_models
 
     names = select_models(args.pattern, args.limit)
     if not names:
@@ -199,11 +200,17 @@ def _coverage(args: argparse.Namespace) -> None:
             if not row["ok"]:
                 bar.write(f"{row['name']}: {row['error']}")
 
-        rows = run_coverage(names, ghn_ref=args.ghn, workers=args.workers, timeout_s=args.timeout, progress=progress)
-    ok = sum(r["ok"] and not r["skipped"] for r in rows)
-    summary = {"architectures": len(rows), "fully_predicted": ok, "failed": [r["name"] for r in rows if not r["ok"]]}
+        rows = run_coverage(names, ghn_ref=args.ghn, workers=args.workers, timeout_s=args.timeout, progress=progress,
+                            user_paths=not args.meta_only, max_cpu_params=args.max_params)
+    predicted = sum(r["checks"].get("predict", {}).get("status") == "ok" and not r.get("skipped") for r in rows)
+    counts = check_counts(rows)
+    summary = {"architectures": len(rows), "fully_predicted": predicted, "checks": counts,
+               "failed": [r["name"] for r in rows if not r["ok"]]}
     Path(args.out).write_text(json.dumps({"summary": summary, "architectures": rows}, indent=1) + "\n")
-    print(f"{ok}/{len(rows)} architectures built and fully predicted; details in {args.out}")
+    ran = ", ".join(f"{check} {c['ok']} ok / {c['failed']} failed / {c['skipped']} skipped"
+                    for check, c in counts.items() if c["ok"] + c["failed"] + c["skipped"])
+    print(f"{len(rows) - len(summary['failed'])}/{len(rows)} architectures passed every check that ran ({ran}); "
+          f"details in {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,13 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--out", required=True, metavar="FILE", help="FILE.json, FILE.png or FILE.svg")
     graph.set_defaults(run=_graph)
 
-    coverage = command("coverage", "check graph building and prediction over timm architectures")
+    coverage = command("coverage", "check prediction, apply_, create_model and predicted folders over timm "
+                       "architectures")
     coverage.add_argument("--pattern", metavar="GLOB", help="glob over timm.list_models(), e.g. 'resnet*' "
                           "(default: all architectures)")
     coverage.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N matching architectures")
     coverage.add_argument("--ghn", metavar="REF", help=ghn_help)
     coverage.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="worker processes")
-    coverage.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds allowed per architecture")
+    coverage.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds allowed per architecture")
+    coverage.add_argument("--meta-only", action="store_true",
+                          help="only predict on meta-device models (fast; no model is built on the CPU)")
+    coverage.add_argument("--max-params", type=_positive_int, default=MAX_CPU_PARAMS, metavar="N",
+                          help="larger models skip the CPU-built checks, reported with the reason")
     coverage.add_argument("--out", default="coverage.json", metavar="FILE", help="JSON report")
     coverage.set_defaults(run=_coverage)
 

@@ -24,6 +24,7 @@ from torch import nn
 from .batchnorm import calibrate_predicted, has_running_stats
 from .cards import predicted_card
 from .ghn import GHN, norm_statistics
+from .graph import GraphBuildError, _default_input_size, build_graph
 from .hub import DEFAULT_NAME, content_hash, staged_folder
 from .streaming import write_safetensors, write_safetensors_shards
 
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 #: Predicted weights up to this size get BatchNorm statistics calibrated in memory; larger models are
 #: streamed to their file one tensor at a time, statistics at identity (BatchNorm models are far smaller).
 MAX_CALIBRATION_BYTES = 4 * 2**30
+
+logger = logging.getLogger(__name__)
 
 #: Structural facts of the registry cfg that stay true for predicted weights.
 _STRUCTURAL_CFG_KEYS = ("first_conv", "classifier", "fixed_input_size")
@@ -129,17 +132,29 @@ def parameters_on_meta() -> Iterator[None]:
 
 def input_size_for(model: nn.Module, ghn: GHN, img_size: int | Sequence[int] | None) -> tuple[int, int, int]:
     """(C, H, W) to trace ``model`` at: ``img_size`` (S or (H, W)) if given, the size a fixed-size model was
-    built for, else the size the GHN was trained at."""
+    built for, else the size the GHN was trained at, or the model's own size where it cannot run at that one.
+
+    It is also the ``input_size`` of a predicted folder's config, from which timm sets ``img_size``
+    for fixed-size models: it must be the size the model was built for.
+    """
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     channels = int(getattr(model, "in_chans", None) or cfg.get("input_size", (3,))[0])
     if img_size is not None:
         height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
         return channels, height, width
-    built_for = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if cfg.get("fixed_input_size") and built_for:
-        return channels, *built_for
+    own = _default_input_size(model)
+    if cfg.get("fixed_input_size"):
+        return channels, own[1], own[2]
     trained = ghn.data_config.get("input_size", cfg.get("input_size", (3, 224, 224)))
-    return channels, trained[1], trained[2]
+    size = (channels, trained[1], trained[2])
+    if size[1:] != tuple(own[1:]):
+        try:
+            build_graph(model, size)
+        except GraphBuildError as err:  # too small for its downsampling, or sizes fixed in its layers
+            logger.warning("%s does not run at the GHN's %dx%d inputs, so it is predicted at its own size %dx%d: %s",
+                           cfg.get("architecture") or type(model).__name__, size[1], size[2], own[1], own[2], err)
+            return channels, own[1], own[2]
+    return size
 
 
 def _calibrated_tensors(ghn: GHN, model: nn.Module, input_size: tuple[int, ...], calibrate_bn: bool,

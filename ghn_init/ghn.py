@@ -18,7 +18,7 @@ import dataclasses
 import math
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 from .graph import OP_TYPES, ROLES, ArchGraph, _default_input_size, build_graph
 from .transformer import GraphTransformer
 
-__all__ = ["GHN", "GHNConfig", "PredictionReport", "norm_statistics"]
+__all__ = ["GHN", "GHNConfig", "PredictionReport", "fill_", "norm_statistics"]
 
 _SHAPE_FEATURES = 9
 
@@ -504,7 +504,16 @@ class GHN(nn.Module):
         ``input_size`` (:func:`ghn_init.batchnorm.calibrate_predicted`), so eval mode works out of
         the box; ``calibrate_bn=False`` leaves them at identity, as :meth:`predict_tensors` does.
         """
-        return self._predict(model, input_size, calibrate_bn)[0]
+        state = dict(self.predict_tensors(model, input_size))
+        if calibrate_bn:
+            self._calibrate(model, state, input_size)
+        return state
+
+    def _calibrate(self, model: nn.Module, state: dict[str, torch.Tensor] | None,
+                   input_size: Sequence[int] | None) -> None:
+        from .batchnorm import calibrate_predicted
+
+        calibrate_predicted(model, state, input_size or _default_input_size(model), self.data_config)
 
     def predict_tensors(self, model: nn.Module,
                         input_size: Sequence[int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -560,30 +569,59 @@ class GHN(nn.Module):
                     "statistic, so its values are unknown; build the model on the CPU to predict it."
                 )
 
-    def _predict(self, model: nn.Module, input_size: Sequence[int] | None,
-                 calibrate_bn: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        state: dict[str, torch.Tensor] = {}
-        kept: dict[str, str] = {}
-        for name, tensor, note in self._stream(model, input_size):
-            state[name] = tensor
-            if note is not None:
-                kept[name] = note
-        if calibrate_bn:
-            from .batchnorm import calibrate_predicted
-
-            calibrate_predicted(model, state, input_size or _default_input_size(model), self.data_config)
-        return state, kept
-
     @torch.no_grad()
     def apply_(self, model: nn.Module, input_size: Sequence[int] | None = None) -> PredictionReport:
-        """Fill ``model``'s parameters and norm statistics in place with predicted values."""
-        state, kept = self._predict(model, input_size)
-        on_meta = any(t.is_meta for t in model.state_dict().values())
-        if on_meta:
-            model.load_state_dict(state, assign=True)
+        """Fill ``model``'s parameters and norm statistics in place with predicted values.
+
+        Parameters keep their objects, ``requires_grad``, dtype and device (an optimizer built
+        before still points at them); meta tensors are replaced by CPU ones. A parameter shared
+        by several modules or names is filled once and stays one object. Tensors are written as
+        they are made, so memory holds one predicted tensor at a time beyond the model.
+        """
+        report = fill_(model, self._stream(model, input_size))
+        self._calibrate(model, None, input_size)  # BatchNorm statistics as predict() makes them
+        return report
+
+
+@torch.no_grad()
+def fill_(model: nn.Module, entries: Iterable[tuple[str, torch.Tensor, str | None]]) -> PredictionReport:
+    """Write ``(name, tensor, note)`` state-dict entries into ``model`` in place (what ``apply_`` does).
+
+    Parameters keep their objects, ``requires_grad``, dtype and device; meta tensors are replaced by
+    CPU ones; a parameter shared by several modules or names is filled once and stays one object.
+    ``note`` is ``None`` for a predicted entry, else why the entry holds something else.
+    """
+    predicted: list[str] = []
+    skipped: dict[str, str] = {}
+    # id of each tensor filled or replaced -> (that tensor, held so its id stays unique; what its slots hold now)
+    filled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, tensor, note in entries:
+        if note is None:
+            predicted.append(name)
         else:
-            model.load_state_dict(state)
-        return PredictionReport(predicted=[k for k in state if k not in kept], skipped=kept)
+            skipped[name] = note
+        prefix, _, attr = name.rpartition(".")
+        owner = model.get_submodule(prefix)
+        table = owner._parameters if attr in owner._parameters else owner._buffers
+        current = table.get(attr)
+        if current is None:
+            raise ValueError(f"{type(model).__name__}: state-dict entry {name!r} is neither a parameter nor a "
+                             "buffer of its module, so apply_ cannot place it; use predict() and the model's "
+                             "own load_state_dict")
+        if id(current) in filled:
+            table[attr] = filled[id(current)][1]
+            continue
+        if current.is_meta:
+            new = tensor.to(current.dtype)
+            if isinstance(current, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=current.requires_grad)
+            table[attr] = new
+            filled[id(new)] = (new, new)
+        else:
+            current.copy_(tensor)
+            new = current
+        filled[id(current)] = (current, new)
+    return PredictionReport(predicted=predicted, skipped=skipped)
 
 
 def _extend_op_vocabulary(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:

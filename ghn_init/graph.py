@@ -388,24 +388,47 @@ def _record_fused_calls(model: nn.Module, calls: dict[Any, _FusedCall]) -> list[
     return handles
 
 
+def meta_twins(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+    """Meta-device stand-ins for a forward pass with ``torch.func.functional_call(..., tie_weights=False)``
+    that leaves ``model`` untouched: the substitutes by name, and each parameter's twin by the parameter's id.
+
+    A shared parameter has one twin. Each (module, attribute) slot is substituted once: a module
+    registered under two names (CoaT's shared conv position encodings) swapped once per name would
+    have a twin swapped back in on restore, leaving the model with meta tensors as parameters.
+    """
+    twins: dict[int, torch.Tensor] = {}
+    substitutes: dict[str, torch.Tensor] = {}
+    slots: set[tuple[int, str]] = set()
+
+    def substitute(name: str, twin: torch.Tensor) -> None:
+        prefix, _, attr = name.rpartition(".")
+        slot = (id(model.get_submodule(prefix)), attr)
+        if slot not in slots:
+            slots.add(slot)
+            substitutes[name] = twin
+
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in twins:
+            twins[id(param)] = torch.empty_like(param, device="meta").requires_grad_()
+        substitute(name, twins[id(param)])
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        substitute(name, torch.empty_like(buf, device="meta"))
+    return substitutes, twins
+
+
 def _trace(
     model: nn.Module, input_size: Sequence[int]
 ) -> tuple[list[torch.Tensor], dict[int, str], dict[str, str], torch.Tensor, dict[Any, _FusedCall]]:
-    """Run the forward pass on meta twins of all tensors; the model itself is left untouched."""
+    """Run the forward pass on meta twins of all tensors (:func:`meta_twins`); the model is left untouched."""
+    substitutes, twins = meta_twins(model)
     names: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    twins: dict[int, torch.Tensor] = {}
-    substitutes: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in twins:
-            aliases[name] = names[id(twins[id(param)])]
+        twin = twins[id(param)]
+        if id(twin) in names:
+            aliases[name] = names[id(twin)]
         else:
-            twin = torch.empty_like(param, device="meta").requires_grad_()
-            twins[id(param)] = twin
             names[id(twin)] = name
-        substitutes[name] = twins[id(param)]
-    for name, buf in model.named_buffers(remove_duplicate=False):
-        substitutes[name] = torch.empty_like(buf, device="meta")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     x = torch.empty((2, *input_size), device="meta", dtype=dtype, requires_grad=True)
     modes = {m: m.training for m in model.modules()}
@@ -419,7 +442,7 @@ def _trace(
     handles = _record_fused_calls(model, fused)
     try:
         with sdpa_kernel(SDPBackend.MATH), torch.enable_grad(), MetaShapeCache():
-            out = torch.func.functional_call(model, substitutes, (x,), strict=False)
+            out = torch.func.functional_call(model, substitutes, (x,), strict=False, tie_weights=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -126,6 +126,62 @@ def test_apply_materializes_meta_model(default_ghn):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_apply_keeps_coat_shared_modules_shared(default_ghn, device):
+    # CoaT registers its conv position encodings both as cpe1 and inside serial_blocks1.0
+    model = timm.create_model("coat_lite_tiny", num_classes=10, device=device)
+    before = dict(model.named_parameters(remove_duplicate=False))
+    expected = default_ghn.predict(model)
+    report = default_ghn.apply_(model)
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert report.skipped == {} and set(report.predicted) == set(expected)
+    assert model.cpe1.proj is model.serial_blocks1[0].cpe.proj
+    assert model.cpe1.proj.weight is model.serial_blocks1[0].cpe.proj.weight
+    assert all(type(p) is nn.Parameter and p.device.type == "cpu" and p.requires_grad for p in after.values())
+    assert len({id(p) for p in after.values()}) == len({id(p) for p in before.values()})
+    if device == "cpu":
+        assert all(after[n] is before[n] for n in after)
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    assert model(torch.randn(2, 3, 224, 224)).isfinite().all()
+
+
+class _Shared(nn.Module):
+    """A submodule registered under two names and a weight tied across two modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))
+        self.again = self.block
+        self.head = nn.Linear(16, 8, bias=False)
+        self.head.weight = nn.Parameter(torch.empty(8, 16))
+        self.unembed = nn.Linear(16, 8, bias=False)
+        self.unembed.weight = self.head.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.again(self.block(self.embed(x)))
+        return self.head(h) + self.unembed(h.flip(-1))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_apply_keeps_ties_grad_flags_and_dtype(default_ghn, device):
+    with torch.device(device):  # (Module.to('meta') itself unties weights shared across modules)
+        model = _Shared().double()
+    model.embed.bias.requires_grad_(False)
+    optimizer_params = list(model.parameters())
+    report = default_ghn.apply_(model, input_size=(8,))
+    assert report.skipped == {}
+    assert model.again is model.block and model.unembed.weight is model.head.weight
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert all(type(p) is nn.Parameter and p.dtype == torch.float64 and not p.is_meta for p in params.values())
+    assert not model.embed.bias.requires_grad and model.head.weight.requires_grad
+    assert len({id(p) for p in params.values()}) == len(optimizer_params)
+    if device == "cpu":
+        assert [p for p in model.parameters()] == optimizer_params
+    assert model(torch.randn(2, 8, dtype=torch.float64)).isfinite().all()
+
+
 def test_predict_half_precision_model_keeps_dtypes():
     model = timm.create_model("resnet18", num_classes=10, device="meta").to(torch.bfloat16)
     state = GHN(GHNConfig(hidden=16, rounds=1, latent=8, block=8, block_1x1=8, vector=8)).predict(model)

@@ -155,3 +155,16 @@ def test_timm_one_liner_takes_a_published_ghn(reference_fixtures, tmp_path, monk
     model = timm.create_model("resnet18", pretrained_cfg=ghn, num_classes=10)
     expected = ghn.predict(timm.create_model("resnet18", num_classes=10, device="meta"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items() if "running" not in k)
+
+
+def test_apply_on_shared_modules_keeps_parameters_and_sharing(reference_fixtures):
+    """CoaT registers its conv position encodings under two names: the graph's forward pass must restore
+    them, and apply_ fill each shared parameter once, in place."""
+    ghn = _ghn(reference_fixtures, "ghn3-tm8-random")
+    model = timm.create_model("coat_lite_tiny", num_classes=10)
+    before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    report = ghn.apply_(model)
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert all(after[n] is p and not p.is_meta for n, p in before.items())
+    assert model.cpe1.proj.weight is model.serial_blocks1[0].cpe.proj.weight
+    assert "cpe1.proj.weight" in report.predicted

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..ghn import PredictionReport, _one_thread, norm_statistics
+from ..ghn import PredictionReport, _one_thread, fill_, norm_statistics
 from .formats import Checkpoint, Code, read_checkpoint
 from .legacy_graph import build_legacy_graph
 from .networks import build_network
@@ -117,19 +117,38 @@ class PublishedGHN(nn.Module):
         for name, tensor, _ in self._stream(model, input_size):
             yield name, tensor
 
-    @torch.no_grad()
-    def _stream(self, model: nn.Module,
-                input_size: Sequence[int] | None) -> Iterator[tuple[str, torch.Tensor, str | None]]:
-        """State-dict entries with a note: ``None`` when predicted, else why the model's value was kept."""
+    def _plan(self, model: nn.Module, input_size: Sequence[int] | None,
+              ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str | None]]:
+        """The network's prediction, why the rest is kept, and each state-dict entry's source:
+        the predicted name it reads (a shared parameter reads its first name), or ``None``."""
         size = tuple(input_size) if input_size is not None else self._input_size(model)
         graph = build_legacy_graph(model, self.config.code, size)
         with _one_thread():  # the same tensors whatever the thread count, as for ghn-init's own GHNs
             predicted, kept = self.network.predict(model, graph, code=self.config.code)
         owner = {id(p): n for n, p in model.named_parameters(remove_duplicate=False) if n in predicted}
+        sources = {name: name if name in predicted else owner.get(id(ref))
+                   for name, ref in model.state_dict(keep_vars=True).items()}
+        return predicted, kept, sources
+
+    @torch.no_grad()
+    def report(self, model: nn.Module, input_size: Sequence[int] | None = None) -> PredictionReport:
+        """What :meth:`apply_` would do, without any tensor values: works on meta-device models."""
+        _, kept, sources = self._plan(model, input_size)
+        statistics = norm_statistics(model)
+        predicted = [n for n, source in sources.items() if source is not None or n in statistics]
+        return PredictionReport(predicted=predicted, skipped={
+            n: kept.get(n, "buffer copied from the model (constants, not weights)") for n in sources
+            if n not in predicted})
+
+    @torch.no_grad()
+    def _stream(self, model: nn.Module,
+                input_size: Sequence[int] | None) -> Iterator[tuple[str, torch.Tensor, str | None]]:
+        """State-dict entries with a note: ``None`` when predicted, else why the model's value was kept."""
+        predicted, kept, sources = self._plan(model, input_size)
         statistics = norm_statistics(model)
         entries = model.state_dict(keep_vars=True)
-        unknown = [name for name, ref in entries.items() if ref.device.type == "meta"
-                   and name not in predicted and id(ref) not in owner and name not in statistics]
+        unknown = [name for name, ref in entries.items()
+                   if ref.device.type == "meta" and sources[name] is None and name not in statistics]
         if unknown:  # before the first tensor is handed out: a caller writing a file gets nothing partial
             raise ValueError(
                 f"{type(model).__name__}: {self.meta.get('name', 'this GHN')} does not predict {unknown[:5]}"
@@ -137,7 +156,7 @@ class PublishedGHN(nn.Module):
                 "on the meta device, so their initial values are unknown; build the model on the CPU."
             )
         for name, ref in entries.items():
-            source = name if name in predicted else owner.get(id(ref))
+            source = sources[name]
             if source is not None:
                 yield name, predicted[source].to(ref.dtype), None
             elif name in statistics:
@@ -146,17 +165,10 @@ class PublishedGHN(nn.Module):
                 reason = kept.get(name, "buffer copied from the model (constants, not weights)")
                 yield name, ref.detach().to("cpu", copy=True), reason
 
-    @torch.no_grad()
     def apply_(self, model: nn.Module, input_size: Sequence[int] | None = None) -> PredictionReport:
-        """Fill ``model`` in place; the report lists what was predicted and what was kept, with why."""
-        state: dict[str, torch.Tensor] = {}
-        kept: dict[str, str] = {}
-        for name, tensor, note in self._stream(model, input_size):
-            state[name] = tensor
-            if note is not None:
-                kept[name] = note
-        model.load_state_dict(state, assign=any(t.is_meta for t in model.state_dict().values()))
-        return PredictionReport(predicted=[k for k in state if k not in kept], skipped=kept)
+        """Fill ``model`` in place (shared parameters stay shared); the report lists what was predicted and
+        what was kept, with why."""
+        return fill_(model, self._stream(model, input_size))
 
     # ------------------------------------------------------------------ life cycle
     def model_card(self, load_ref: str | None = None) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 
+from ..graph import meta_twins
 from ..meta_cache import MetaShapeCache
 
 __all__ = [
@@ -394,24 +395,15 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 def _forward(model: nn.Module, builder: Builder, size: tuple[int, ...]) -> tuple[list[torch.Tensor], dict]:
     """One training-mode forward pass on meta twins; returns the outputs to walk and the twins' owners."""
     owners = _parameter_owners(model)
-    twin_owner: dict[int, tuple[str, nn.Module]] = {}
-    twin_of: dict[int, torch.Tensor] = {}
-    substitutes: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) not in twin_of:
-            twin = torch.empty_like(param, device="meta").requires_grad_()
-            twin_of[id(param)] = twin
-            twin_owner[id(twin)] = owners[id(param)]
-        substitutes[name] = twin_of[id(param)]
-    for name, buf in model.named_buffers(remove_duplicate=False):
-        substitutes[name] = torch.empty_like(buf, device="meta")
+    substitutes, twins = meta_twins(model)
+    twin_owner = {id(twins[id(param)]): owners[id(param)] for param in model.parameters()}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     x = torch.empty((2, *size), device="meta", dtype=dtype)
     modes = {m: m.training for m in model.modules()}
     model.train()
     try:
         with _CpuAttentionKernels(), torch.enable_grad(), MetaShapeCache():  # repeated meta ops from a cache
-            out = torch.func.functional_call(model, substitutes, (x,), strict=False)
+            out = torch.func.functional_call(model, substitutes, (x,), strict=False, tie_weights=False)
     except Exception as err:  # noqa: BLE001 - any forward failure is reported with model and input size
         raise RuntimeError(
             f"the {builder} graph of {type(model).__name__} needs a forward pass at input size "

@@ -121,6 +121,14 @@ def test_predictions_are_calibrated_without_data_deterministically(default_ghn):
     assert all(t.is_meta for t in meta.state_dict().values()), "the meta model is left as it was"
 
 
+def test_apply_calibrates_the_filled_model_as_predict_does(default_ghn):
+    model = timm.create_model("resnet18", num_classes=10)
+    default_ghn.apply_(model, (3, 32, 32))
+    expected = default_ghn.predict(timm.create_model("resnet18", num_classes=10, device="meta"), (3, 32, 32))
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(model.bn1.running_var, torch.ones(64)) and model.training
+
+
 def test_models_with_unsaved_meta_buffers_keep_identity_with_a_warning(default_ghn, caplog):
     class Shifted(nn.Module):
         def __init__(self) -> None:

@@ -100,8 +100,9 @@ def load(model: nn.Module, checkpoint: Path, max_memory: int | str | None = None
         raise ValueError(f"max_memory {max_memory} leaves no weights in RAM: Accelerate keeps room for the largest "
                          f"block ({largest / 2**20:.0f} MiB) that runs from disk, and cannot offload a whole model "
                          "this way; give --max-memory more than that")
+    # offload_buffers: without it, buffers of offloaded modules (BatchNorm statistics) keep the empty model's values.
     return load_checkpoint_and_dispatch(model, str(checkpoint), device_map="auto", no_split_module_classes=no_split,
-                                        max_memory=budget, offload_folder=offload_folder)
+                                        max_memory=budget, offload_folder=offload_folder, offload_buffers=True)
 
 
 def placement(model: nn.Module) -> dict[str, int]:

@@ -3,6 +3,7 @@
 __version__ = "0.4.0"  # before the imports: the prediction cache keys on it
 
 from . import timm_hook
+from .batchnorm import calibrate_batchnorm
 from .ghn import GHN, GHNConfig, PredictionReport
 from .graph import OP_TYPES, ArchGraph, GraphBuildError, build_graph
 from .hub import GHNNotFoundError, content_hash, load
@@ -15,5 +16,5 @@ __getattr__ = timm_hook.missing_module_attribute  # PEP 562: says what to call w
 
 __all__ = [
     "GHN", "GHNConfig", "GHNNotFoundError", "OP_TYPES", "ArchGraph", "GraphBuildError", "PredictionReport",
-    "TimmHookError", "build_graph", "content_hash", "create_model", "load", "pretrained_cfg",
+    "TimmHookError", "build_graph", "calibrate_batchnorm", "content_hash", "create_model", "load", "pretrained_cfg",
 ]

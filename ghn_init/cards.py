@@ -126,7 +126,7 @@ def ghn_card(ghn: Any, evaluation_markdown: str | None = None, *, evaluation: li
         "import ghn_init, timm",
         f'ghn = ghn_init.load("{repo_id or "PATH_OR_REPO_ID"}")  # ghn_init.load() gives the embedded default',
         f'model = timm.create_model("resnet18", num_classes={data.get("num_classes", 10)})',
-        "report = ghn.apply_(model)  # every parameter predicted; BN statistics at identity",
+        "report = ghn.apply_(model)  # every parameter predicted; BN statistics calibrated data-free",
         "```",
         "",
         INSTALL,
@@ -189,15 +189,37 @@ def _measured_lines(evaluation: list[dict[str, Any]], architecture: str, model_a
             "GHN's card)."]
 
 
+def _bn_sentence(record: dict[str, Any] | None, batchnorm: bool) -> str:
+    """What the card says about BatchNorm statistics, from the weights file's ``bn_calibration`` record."""
+    method = (record or {}).get("method", "identity" if batchnorm else "none")
+    if method == "none":
+        return "The model has no BatchNorm, so there are no statistics to recalibrate."
+    if method == "images":
+        return (f"BatchNorm statistics were calibrated on {record['images']} {record['source']} at "
+                f"{'x'.join(map(str, record['input_size'][1:]))} pixels.")
+    if method == "identity":
+        why = f" because {record['reason']}" if record and record.get("reason") else ""
+        return (f"BatchNorm statistics are at identity (mean 0, variance 1){why}: recalibrate them on a few hundred "
+                "training images (`ghn_init.calibrate_batchnorm(model, images)`), or fine-tune, before evaluating "
+                "in eval mode.")
+    return (f"BatchNorm statistics were calibrated without data ({method}): on {record['images']} synthetic images at "
+            f"{'x'.join(map(str, record['input_size'][1:]))} pixels ({record['inputs']}, seed {record['seed']}), so "
+            "eval mode gives outputs of a sane scale. Statistics from real training images are better: "
+            "`ghn_init.calibrate_batchnorm(model, images)` on a few hundred of them, or `ghn-init predict "
+            "--calibrate-bn 500`.")
+
+
 def predicted_card(architecture: str, model_args: dict[str, Any], ghn_name: str, ghn_hash: str,
                    num_classes: int, data: dict[str, Any], *, evaluation: list[dict[str, Any]] | None = None,
-                   batchnorm: bool = True, license: str = _LICENSE) -> str:
+                   batchnorm: bool = True, license: str = _LICENSE, bn_calibration: dict[str, Any] | None = None
+                   ) -> str:
     """Card of weights predicted by a GHN: what they are, and that they are not trained weights.
 
     ``data`` is the GHN's data config with the input size and normalization of these weights;
     ``evaluation`` the GHN's measured accuracies (its config.json) where they apply (same classes and
     input size), quoted for exactly this architecture and these arguments; ``batchnorm`` whether the
-    model has BatchNorm to recalibrate.
+    model has BatchNorm; ``bn_calibration`` how its statistics were made (the weights file's record;
+    None: left at identity).
     """
     dataset = data.get("dataset")
     dataset_name = _DATASET_NAMES.get(dataset, dataset) if dataset else "the GHN's training data"
@@ -208,7 +230,8 @@ def predicted_card(architecture: str, model_args: dict[str, Any], ghn_name: str,
         datasets=[dataset] if dataset else None,
         pipeline_tag="image-classification",
         ghn_init={"architecture": architecture, "model_args": model_args, "num_classes": num_classes,
-                  "ghn": ghn_name, "ghn_sha256": ghn_hash},
+                  "ghn": ghn_name, "ghn_sha256": ghn_hash,
+                  "bn_calibration": (bn_calibration or {}).get("method", "identity" if batchnorm else "none")},
     )
     built = (f"`{architecture}` ({', '.join(f'{k}={v!r}' for k, v in model_args.items())})" if model_args
              else f"`{architecture}` (timm's default arguments)")
@@ -218,9 +241,7 @@ def predicted_card(architecture: str, model_args: dict[str, Any], ghn_name: str,
     else:
         classes = (f"The GHN learned on {dataset_name} ({trained_classes} classes); this {num_classes}-way classifier "
                    "is predicted the same way but has no trained meaning")
-    norm = ("BatchNorm statistics are at identity (mean 0, variance 1): recalibrate them on a few hundred "
-            "training images, or fine-tune, before evaluating in eval mode." if batchnorm else
-            "The model has no BatchNorm, so there are no statistics to recalibrate.")
+    norm = _bn_sentence(bn_calibration, batchnorm)
     return "\n".join([
         header,
         f"# {architecture} initialized by a graph hypernetwork",

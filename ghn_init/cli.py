@@ -72,8 +72,10 @@ def _predict(args: argparse.Namespace) -> None:
 
     _check_can_push(args.push_to_hub)
     ghn = load(args.ghn)
+    images, source = _calibration_images(args.calibrate_bn, args.data, ghn) if args.calibrate_bn else (None, None)
     out = save_predicted(args.model, args.out, ghn, num_classes=args.num_classes, img_size=args.img_size,
-                         model_kwargs=dict(args.kwarg), overwrite=args.overwrite)
+                         model_kwargs=dict(args.kwarg), overwrite=args.overwrite,
+                         calibrate_bn=args.calibrate_bn != 0, calibration_images=images, calibration_source=source)
     print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
     if args.push_to_hub:
         from .hub import push_predicted
@@ -84,6 +86,25 @@ def _predict(args: argparse.Namespace) -> None:
             raise RuntimeError(f"{err} ({out} is complete; push it later with "
                                f"ghn_init.hub.push_predicted({str(out)!r}, {args.push_to_hub!r}))") from err
         print(f"pushed to {url}: load it with timm.create_model('hf-hub:{args.push_to_hub}', pretrained=True)")
+
+
+def _calibration_images(count: int, root: str | None, ghn: Any) -> tuple[Any, str]:
+    """The first ``count`` CIFAR-10 train images, normalized as the GHN's inputs, and their description."""
+    import numpy as np
+
+    from train_ghn.data import CIFAR10_MEAN, CIFAR10_STD, NUM_VALIDATION, data_root, load_cifar10, normalize
+
+    limit = 50000 - NUM_VALIDATION
+    if count > limit:
+        raise ValueError(f"--calibrate-bn {count}: the CIFAR-10 train split has {limit} images (validation excluded)")
+    try:
+        images, _ = load_cifar10("train", root=root, indices=np.arange(count))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--calibrate-bn {count} needs CIFAR-10, not found under {root or data_root()}: pass "
+                                "--data PATH (the folder holding cifar10/) or set GHN_INIT_DATA") from err
+    data = ghn.data_config
+    return (normalize(images, data.get("mean", CIFAR10_MEAN), data.get("std", CIFAR10_STD)),
+            f"CIFAR-10 train images (the first {count})")
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -157,9 +178,11 @@ def _eval(args: argparse.Namespace) -> None:
         argv += [f"--{flag.replace('_', '-')}", str(value)] if value is not None else []
     argv += ["--full"] if args.full else []
     result = evaluate(argv)
+    statistics = (f"after recalibrating BatchNorm (where a model has it) on {args.calibrate_bn} train images"
+                  if args.calibrate_bn else "with the BatchNorm statistics the weights come with (data-free for "
+                  "predicted weights, identity for timm's init)")
     print(f"CIFAR-10 {result['setup']['split']}: accuracy of predicted weights (GHN) and timm's default init in "
-          f"eval mode, after recalibrating BatchNorm (where a model has it) on {args.calibrate_bn} train images, "
-          "and in train mode (batch statistics)")
+          f"eval mode, {statistics}, and in train mode (batch statistics)")
     print(_results_table(result))
 
 
@@ -213,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--ghn", metavar="REF", help=ghn_help)
     predict.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist or be empty)")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    predict.add_argument("--calibrate-bn", type=int, metavar="N",
+                         help="BatchNorm statistics from the first N CIFAR-10 train images (see --data); 0 leaves "
+                         "them at identity (default: calibrated without data, on synthetic images)")
+    predict.add_argument("--data", metavar="PATH",
+                         help="with --calibrate-bn: the folder holding cifar10/ "
+                         "(default: $GHN_INIT_DATA, else ../shared/data)")
     predict.add_argument("--push-to-hub", metavar="REPO_ID",
                          help="then upload the folder to this Hub model repo (created if missing; uses your HF login)")
     predict.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
@@ -313,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "private", False) and not args.push_to_hub:
         parser.error("--private only applies with --push-to-hub")
+    if args.command == "predict" and args.calibrate_bn is not None and args.calibrate_bn < 0:
+        parser.error(f"--calibrate-bn takes a number of images, 0 or more; got {args.calibrate_bn}")
+    if args.command == "predict" and args.data and not args.calibrate_bn:
+        parser.error("--data only applies with --calibrate-bn N")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with _sigterm_as_interrupt() as received:
         try:

@@ -64,7 +64,7 @@ def _scratch_prediction_cache() -> Iterator[None]:
 
 
 def _differences(model: Any, expected: Iterable[tuple[str, Any, Any]], compare_kept: bool = True) -> list[str]:
-    """Names whose tensors in ``model`` differ from the predicted stream (one predicted tensor in memory).
+    """Names whose tensors in ``model`` differ from the predicted entries ``expected``, in order.
 
     ``compare_kept=False`` leaves out the tensors a GHN keeps at the model's own (random) init.
     """
@@ -84,8 +84,7 @@ def _differences(model: Any, expected: Iterable[tuple[str, Any, Any]], compare_k
 def _check_apply(name: str, ghn: Any, num_classes: int) -> dict[str, Any]:
     """``ghn.apply_`` on a CPU-built model keeps every Parameter object, then a forward pass gives finite outputs.
 
-    The forward runs in train mode, as training from the prediction starts: BatchNorm statistics are
-    predicted at identity, so eval mode before calibration (see the README) overflows in deep BN nets.
+    The forward runs in train mode, as training from the prediction starts.
     """
     import timm
     import torch
@@ -203,13 +202,21 @@ def check_architecture(name: str, ghn: Any, num_classes: int = 10, *, user_paths
         export_graph: list[Any] = []
 
         def expected() -> Iterable[tuple[str, Any, Any]]:
-            """The prediction ``ghn-init predict`` and ``create_model`` make: graph at the export's input size."""
+            """The prediction ``ghn-init predict`` and ``create_model`` make: graph at the export's input size,
+            BatchNorm statistics calibrated without data as they are."""
+            from .batchnorm import calibrate_predicted
+
+            target = model
             if not getattr(ghn, "predicts_on_meta", True):
-                cpu_model = create_target_model(name, ghn, num_classes=num_classes)[0]
-                return ghn._stream(cpu_model, input_size_for(cpu_model, ghn, None))
-            if not export_graph:
-                export_graph.append(build_graph(model, input_size_for(model, ghn, None), name=name))
-            return ghn._stream(model, None, export_graph[0])
+                target = create_target_model(name, ghn, num_classes=num_classes)[0]
+                entries = list(ghn._stream(target, input_size_for(target, ghn, None)))
+            else:
+                if not export_graph:
+                    export_graph.append(build_graph(model, input_size_for(model, ghn, None), name=name))
+                entries = list(ghn._stream(model, None, export_graph[0]))
+            calibrate_predicted(target, {n: t for n, t, _ in entries}, input_size_for(target, ghn, None),
+                                ghn.data_config)
+            return entries
 
         runners = {"apply": lambda: _check_apply(name, ghn, num_classes),
                    "create_model": lambda: _check_create_model(name, ghn, num_classes, expected),

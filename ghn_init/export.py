@@ -2,8 +2,9 @@
 
 The folder holds ``config.json`` in timm's layout (architecture, num_classes, model_args and a
 pretrained_cfg with the normalization the GHN was trained with, plus a ``ghn_init`` block naming
-the GHN by content hash), ``model.safetensors`` and a ``README.md`` model card. Nothing from
-timm's registry that would be false for predicted weights (tag, license, paper) is copied.
+the GHN by content hash and how BatchNorm statistics were calibrated), ``model.safetensors`` and a
+``README.md`` model card. Nothing from timm's registry that would be false for predicted weights
+(tag, license, paper) is copied.
 """
 
 from __future__ import annotations
@@ -13,20 +14,28 @@ import difflib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from .batchnorm import calibrate_predicted, has_running_stats
 from .cards import predicted_card
 from .ghn import GHN, norm_statistics
 from .graph import GraphBuildError, _default_input_size, build_graph
 from .hub import DEFAULT_NAME, content_hash, staged_folder
 from .streaming import write_safetensors, write_safetensors_shards
 
-__all__ = ["create_meta_model", "create_target_model", "has_batchnorm", "input_size_for", "save_predicted",
-           "similar_models", "write_predicted", "write_predicted_shards"]
+__all__ = ["MAX_CALIBRATION_BYTES", "bn_calibration", "create_meta_model", "create_target_model", "has_batchnorm",
+           "input_size_for", "save_predicted", "similar_models", "write_predicted", "write_predicted_shards"]
+
+logger = logging.getLogger(__name__)
+
+#: Predicted weights up to this size get BatchNorm statistics calibrated in memory; larger models are
+#: streamed to their file one tensor at a time, statistics at identity (BatchNorm models are far smaller).
+MAX_CALIBRATION_BYTES = 4 * 2**30
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +88,10 @@ def create_meta_model(name: str, num_classes: int | None = None, img_size: int |
     except Exception as err:
         raise ValueError(f"timm.create_model({name!r}, **{model_args}) failed: {type(err).__name__}: {err}") from err
     saved_buffers = set(model.state_dict()) - {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    if saved_buffers - set(norm_statistics(model)):  # saved constants (index tables) need real values
+    unsaved_buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)} - saved_buffers
+    # Saved constants (index tables) need real values, and so do unsaved ones where BatchNorm
+    # calibration runs the model.
+    if saved_buffers - set(norm_statistics(model)) or (unsaved_buffers and has_running_stats(model)):
         with parameters_on_meta():
             model = timm.create_model(name, **model_args)
     return model, model_args
@@ -145,23 +157,67 @@ def input_size_for(model: nn.Module, ghn: GHN, img_size: int | Sequence[int] | N
     return size
 
 
+def _calibrated_tensors(ghn: GHN, model: nn.Module, input_size: tuple[int, ...], calibrate_bn: bool,
+                        images: torch.Tensor | None, source: str | None,
+                        max_bytes: int) -> tuple[Iterable[tuple[str, torch.Tensor]], dict[str, Any]]:
+    """The predicted tensors to write, BatchNorm statistics calibrated when that fits in memory, and what was done."""
+    size = sum(ref.numel() * ref.element_size() for ref in model.state_dict().values())
+    if not has_running_stats(model):
+        return ghn.predict_tensors(model, input_size), {"method": "none",
+                                                        "reason": "the model has no BatchNorm running statistics"}
+    if not calibrate_bn:
+        return ghn.predict_tensors(model, input_size), {"method": "identity", "reason": "calibration was turned off"}
+    if size > max_bytes:
+        reason = (f"{size / 2**30:.1f} GiB of weights exceed the {max_bytes / 2**30:.1f} GiB limit for calibrating "
+                  "in memory, so they were streamed to the file; calibrate after loading with "
+                  "ghn_init.calibrate_batchnorm")
+        logger.warning("%s: BatchNorm statistics left at identity: %s", type(model).__name__, reason)
+        return ghn.predict_tensors(model, input_size), {"method": "identity", "reason": reason}
+    state = dict(ghn.predict_tensors(model, input_size))  # the interface every GHN family has
+    record = calibrate_predicted(model, state, input_size, ghn.data_config, images=images, source=source)
+    return state.items(), record
+
+
 def write_predicted(ghn: GHN, model: nn.Module, input_size: tuple[int, ...], path: str | os.PathLike,
-                    metadata: dict[str, str] | None = None) -> Path:
-    """Stream ``ghn``'s prediction for ``model`` into a safetensors file, one tensor in memory at a time."""
+                    metadata: dict[str, str] | None = None, *, calibrate_bn: bool = True,
+                    calibration_images: torch.Tensor | None = None, calibration_source: str | None = None,
+                    max_calibration_bytes: int = MAX_CALIBRATION_BYTES) -> Path:
+    """Write ``ghn``'s prediction for ``model`` into a safetensors file, BatchNorm statistics calibrated.
+
+    Statistics come from ``calibration_images`` (normalized, described by ``calibration_source``)
+    or else data-free (:func:`ghn_init.batchnorm.calibrate_predicted`); calibrating holds every
+    weight in memory, so models over ``max_calibration_bytes`` are streamed one tensor at a time
+    with statistics at identity, and a warning. What was done is recorded as JSON under the
+    metadata key ``bn_calibration``.
+    """
     specs = {name: (ref.dtype, tuple(ref.shape)) for name, ref in model.state_dict().items()}
-    return write_safetensors(path, specs, ghn.predict_tensors(model, input_size), metadata)
+    tensors, record = _calibrated_tensors(ghn, model, input_size, calibrate_bn, calibration_images,
+                                          calibration_source, max_calibration_bytes)
+    return write_safetensors(path, specs, tensors, {**(metadata or {}), "bn_calibration": json.dumps(record)})
+
+
+def bn_calibration(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``bn_calibration`` record of a predicted safetensors file (None for files without one)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        record = (file.metadata() or {}).get("bn_calibration")
+    return json.loads(record) if record else None
 
 
 def write_predicted_shards(ghn: GHN, model: nn.Module, input_size: tuple[int, ...], folder: str | os.PathLike,
-                           max_shard_size: int | str = "1GB", metadata: dict[str, str] | None = None) -> Path:
+                           max_shard_size: int | str = "1GB", metadata: dict[str, str] | None = None, *,
+                           max_calibration_bytes: int = MAX_CALIBRATION_BYTES) -> Path:
     """Stream ``ghn``'s prediction for ``model`` into safetensors shards plus an index; returns the index path.
 
     For models larger than memory: ``accelerate.load_checkpoint_and_dispatch`` reads a sharded
-    checkpoint one shard at a time, but a single file whole.
+    checkpoint one shard at a time, but a single file whole. BatchNorm statistics as in
+    :func:`write_predicted` (data-free), recorded in each shard's metadata.
     """
     specs = {name: (ref.dtype, tuple(ref.shape)) for name, ref in model.state_dict().items()}
-    return write_safetensors_shards(folder, specs, ghn.predict_tensors(model, input_size), max_shard_size,
-                                    {"format": "pt", **(metadata or {})})
+    tensors, record = _calibrated_tensors(ghn, model, input_size, True, None, None, max_calibration_bytes)
+    return write_safetensors_shards(folder, specs, tensors, max_shard_size,
+                                    {"format": "pt", **(metadata or {}), "bn_calibration": json.dumps(record)})
 
 
 def _merged(key: str, explicit: Any, model_kwargs: dict[str, Any]) -> Any:
@@ -211,12 +267,15 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: int | None = None,
                    img_size: int | Sequence[int] | None = None, model_kwargs: dict[str, Any] | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, calibrate_bn: bool = True, calibration_images: torch.Tensor | None = None,
+                   calibration_source: str | None = None) -> Path:
     """Predict weights for timm's ``name`` and write a timm-loadable folder at ``out``.
 
     ``num_classes`` defaults to the classes of the GHN's training data (10 for a CIFAR-10 GHN): that
     classifier is the one the GHN learned to predict. ``num_classes`` and ``img_size`` may also come in
-    ``model_kwargs``. All files are written to a temporary folder first: a failure leaves nothing behind.
+    ``model_kwargs``. BatchNorm statistics are calibrated as :func:`write_predicted` does, and the card
+    and config.json say how. All files are written to a temporary folder first: a failure leaves
+    nothing behind.
     """
     out = Path(out)
     check_output_folder(out, overwrite)
@@ -259,10 +318,13 @@ def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: 
     # The GHN's evaluation measured its own classes at its own input size: it says nothing about other setups.
     evaluated = n_classes == data.get("num_classes") and list(input_size) == list(data.get("input_size", []))
     with staged_folder(out) as staging:
+        weights = write_predicted(ghn, model, input_size, staging / "model.safetensors",
+                                  metadata={"format": "pt", "ghn_sha256": ghn_hash}, calibrate_bn=calibrate_bn,
+                                  calibration_images=calibration_images, calibration_source=calibration_source)
+        config["ghn_init"]["bn_calibration"] = calibration = bn_calibration(weights)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_predicted(ghn, model, input_size, staging / "model.safetensors",
-                        metadata={"format": "pt", "ghn_sha256": ghn_hash})
         (staging / "README.md").write_text(predicted_card(
             name, config["model_args"], ghn_name, ghn_hash, n_classes, card_data,
-            evaluation=ghn.meta.get("evaluation", []) if evaluated else [], batchnorm=has_batchnorm(model)))
+            evaluation=ghn.meta.get("evaluation", []) if evaluated else [], batchnorm=has_batchnorm(model),
+            bn_calibration=calibration))
     return out

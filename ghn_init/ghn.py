@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .graph import OP_TYPES, ROLES, ArchGraph, build_graph
+from .graph import OP_TYPES, ROLES, ArchGraph, _default_input_size, build_graph
 from .transformer import GraphTransformer
 
 __all__ = ["GHN", "GHNConfig", "PredictionReport", "fill_", "norm_statistics"]
@@ -496,19 +496,32 @@ class GHN(nn.Module):
                            commit_message=commit_message, model_card=model_card)
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, input_size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """A state dict for ``model``: same keys, shapes and dtypes; BN statistics at identity.
+    def predict(self, model: nn.Module, input_size: Sequence[int] | None = None, *,
+                calibrate_bn: bool = True) -> dict[str, torch.Tensor]:
+        """A state dict for ``model``: same keys, shapes and dtypes. Tensors are returned on the CPU.
 
-        Works on meta-device models. Tensors are returned on the CPU.
+        Works on meta-device models. BatchNorm running statistics are calibrated data-free at
+        ``input_size`` (:func:`ghn_init.batchnorm.calibrate_predicted`), so eval mode works out of
+        the box; ``calibrate_bn=False`` leaves them at identity, as :meth:`predict_tensors` does.
         """
-        return dict(self.predict_tensors(model, input_size))
+        state = dict(self.predict_tensors(model, input_size))
+        if calibrate_bn:
+            self._calibrate(model, state, input_size)
+        return state
+
+    def _calibrate(self, model: nn.Module, state: dict[str, torch.Tensor] | None,
+                   input_size: Sequence[int] | None) -> None:
+        from .batchnorm import calibrate_predicted
+
+        calibrate_predicted(model, state, input_size or _default_input_size(model), self.data_config)
 
     def predict_tensors(self, model: nn.Module,
                         input_size: Sequence[int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` for every state-dict entry in order, each made only when asked for.
 
         Memory for one full-size tensor at a time: the way to write models larger than RAM
-        straight to a file (see :func:`ghn_init.export.save_predicted`).
+        straight to a file (see :func:`ghn_init.export.save_predicted`). BatchNorm statistics are at
+        identity: calibrating them needs every weight at once (:meth:`predict` does).
         """
         for name, tensor, _ in self._stream(model, input_size):
             yield name, tensor
@@ -565,7 +578,9 @@ class GHN(nn.Module):
         by several modules or names is filled once and stays one object. Tensors are written as
         they are made, so memory holds one predicted tensor at a time beyond the model.
         """
-        return fill_(model, self._stream(model, input_size))
+        report = fill_(model, self._stream(model, input_size))
+        self._calibrate(model, None, input_size)  # BatchNorm statistics as predict() makes them
+        return report
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from . import __version__
+from .batchnorm import DATA_FREE
 from .export import create_target_model, input_size_for, write_predicted
 from .ghn import GHN
 from .hub import content_hash, load, remove_stale
@@ -43,13 +44,15 @@ def predicted_file(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Pat
     """Path of the predicted safetensors for ``timm.create_model(name, **timm_kwargs)``, made on first use.
 
     The file is written under a name with this process's ID and renamed when complete; ``.partial`` files
-    of processes that were killed are removed here.
+    of processes that were killed are removed here. BatchNorm statistics are calibrated without data
+    (:func:`ghn_init.export.write_predicted`); the file's ``bn_calibration`` metadata says how.
     """
     ghn = ghn or load()
     ghn_hash = content_hash(ghn)
-    # The library version is in the key: a release that changes how tensors are made from a GHN must
-    # not serve files an older release predicted.
-    key = hashlib.sha256(f"{__version__}|{ghn_hash}|{name}|{_kwargs_key(timm_kwargs)}".encode()).hexdigest()[:20]
+    # The library version and the BatchNorm calibration are in the key: a release that changes how
+    # tensors or statistics are made from a GHN must not serve files an older release predicted.
+    key = hashlib.sha256(f"{__version__}|{DATA_FREE}|{ghn_hash}|{name}|{_kwargs_key(timm_kwargs)}".encode()
+                         ).hexdigest()[:20]
     path = cache_dir() / ghn_hash[:16] / f"{name}-{key}.safetensors"
     if path.is_file():
         return path

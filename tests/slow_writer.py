@@ -1,4 +1,5 @@
-"""Start ghn-init in a child process whose prediction is slowed down, so a test can signal it mid-write."""
+"""Start ghn-init in a child process whose writing of predicted weights is slowed down, so a test can signal it
+mid-write."""
 
 from __future__ import annotations
 
@@ -10,21 +11,24 @@ from collections.abc import Callable
 
 __all__ = ["start", "wait_for"]
 
-#: Prepended to the child's code: every predicted tensor takes 0.3 s, so writing resnet18 takes tens of seconds.
+#: Prepended to the child's code: every tensor written takes 0.3 s, so writing resnet18 takes tens of seconds.
 _SLOW_PREDICTION = """
 import time
-import ghn_init.ghn
+import ghn_init.export
 
-_predict_tensors = ghn_init.ghn.GHN.predict_tensors
-
-
-def _slow_predict_tensors(self, *args, **kwargs):
-    for item in _predict_tensors(self, *args, **kwargs):
-        time.sleep(0.3)
-        yield item
+_write_safetensors = ghn_init.export.write_safetensors
 
 
-ghn_init.ghn.GHN.predict_tensors = _slow_predict_tensors
+def _slow_write_safetensors(path, specs, tensors, metadata=None):
+    def slowly():
+        for item in tensors:
+            time.sleep(0.3)
+            yield item
+
+    return _write_safetensors(path, specs, slowly(), metadata)
+
+
+ghn_init.export.write_safetensors = _slow_write_safetensors
 """
 
 

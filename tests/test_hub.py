@@ -246,7 +246,7 @@ def test_predicted_card_metadata():
     assert meta["datasets"] == ["cifar10"] and meta["pipeline_tag"] == "image-classification"
     assert {"timm", "ghn-init", "predicted-weights", "timm:resnet18"} <= set(meta["tags"])
     assert meta["ghn_init"] == {"architecture": "resnet18", "model_args": {"img_size": 32}, "num_classes": 10,
-                                "ghn": "tiny-ghn", "ghn_sha256": "ab" * 32}
+                                "ghn": "tiny-ghn", "ghn_sha256": "ab" * 32, "bn_calibration": "identity"}
     assert "base_model" not in meta and "base_model_relation" not in meta
     assert 'timm.create_model("hf-hub:' in card.text
     json.dumps(meta)  # plain data: what the Hub stores

@@ -36,7 +36,7 @@ def test_other_num_classes_at_load_drops_the_head_like_timm(tmp_path, monkeypatc
     monkeypatch.setenv("GHN_INIT_CACHE", str(tmp_path))
     cfg = ghn_init.pretrained_cfg("resnet18", num_classes=10)
     model = timm.create_model("resnet18", pretrained=True, pretrained_cfg=cfg, num_classes=5)
-    expected = default_ghn.predict(timm.create_model("resnet18", num_classes=10, device="meta"))
+    expected = default_ghn.predict(timm.create_model("resnet18", num_classes=10, device="meta"), (3, 32, 32))
     assert model.fc.weight.shape == (5, 512)
     body = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     assert all(torch.equal(expected[k], v) for k, v in body.items())

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ghn_init.batchnorm import DATA_FREE
 from ghn_init.export import write_predicted, write_predicted_shards
 from ghn_init.streaming import SHARD_INDEX, write_safetensors, write_safetensors_shards
 
@@ -78,7 +79,7 @@ def test_shards_split_at_the_size_limit_and_load_as_one_state(default_ghn, tmp_p
         loaded.update(shard)
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], v) for k, v in expected.items())
     with safe_open(tmp_path / files[0], "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        assert f.metadata()["format"] == "pt" and json.loads(f.metadata()["bn_calibration"])["method"] == DATA_FREE
 
 
 @pytest.mark.parametrize("bad", ["short", "long"])

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ghn_init.batchnorm import calibrate_batchnorm
+
 from . import deepnets
 from .data import balanced_test_indices, load_cifar10, normalize
 from .sgd import SGDRecipe, train_sgd
@@ -118,27 +120,6 @@ def _batches(x: torch.Tensor, size: int) -> Iterable[torch.Tensor]:
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 100) -> nn.Module:
-    """Re-estimate BatchNorm running statistics from ``images`` (normalized floats), no labels.
-
-    Uses a cumulative average (momentum=None) so the result does not depend on batch order weights.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return model.eval()
-    saved = [(m, m.momentum) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for xb in _batches(images, batch_size):
-        model(xb)
-    for m, momentum in saved:
-        m.momentum = momentum
-    return model.eval()
-
-
-@torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
              batch_stats: bool = False) -> float:
     """Top-1 accuracy; ``batch_stats=True`` evaluates in train mode (GHN-2's protocol).
@@ -158,9 +139,13 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 def evaluate_model(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor], calibration: torch.Tensor) -> dict:
-    """Both protocol numbers for one model: BN recalibrated (eval mode) and batch statistics."""
+    """Both protocol numbers for one model: BN recalibrated (eval mode) and batch statistics.
+
+    With no ``calibration`` images the model keeps the statistics it has (data-free ones for predicted weights).
+    """
     batch_stats = accuracy(model, *test, batch_stats=True)
-    calibrate_batchnorm(model, calibration)
+    if len(calibration):
+        calibrate_batchnorm(model, calibration, batch_size=100)
     return {"acc_bn_calibrated": accuracy(model, *test), "acc_batch_stats": batch_stats}
 
 
@@ -327,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{','.join(map(str, SGD_STEPS))} with --split, none for MODELs alone; 0 for none)")
     parser.add_argument("--ghn", help="GHN reference for timm names (default: the embedded GHN)")
     parser.add_argument("--full", action="store_true", help="all 10,000 test images (default: balanced 2,000)")
-    parser.add_argument("--calibrate-bn", type=int, default=500, help="unlabeled train images for BN statistics")
+    parser.add_argument("--calibrate-bn", type=int, default=500, help="unlabeled train images for BN statistics "
+                        "(0: keep the statistics the weights come with, data-free for predicted ones)")
     parser.add_argument("--train-images", type=int, help="SGD on only the first N train images (default: all 45,000)")
     parser.add_argument("--seed", type=int, default=0, help="default init, SGD batch order and flips")
     parser.add_argument("--out", help="write the results as JSON here")

@@ -240,7 +240,7 @@ def test_help_shows_defaults_and_no_markup(capsys):
     text = capsys.readouterr().out
     assert "CIFAR-10" in text and "GHN_INIT_DATA" in text and "(default: 500)" in text
     _help("coverage")
-    assert "(default: 120.0)" in capsys.readouterr().out
+    assert "(default: 600.0)" in capsys.readouterr().out
 
 
 def test_eval_prints_a_table(capsys, monkeypatch):

@@ -111,9 +111,24 @@ class PublishedGHN(nn.Module):
         return channels, trained[1], trained[2]
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, input_size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """A state dict for ``model``: predicted where the GHN predicts, the model's own values elsewhere."""
-        return dict(self.predict_tensors(model, input_size))
+    def predict(self, model: nn.Module, input_size: Sequence[int] | None = None, *,
+                calibrate_bn: bool = True) -> dict[str, torch.Tensor]:
+        """A state dict for ``model``: predicted where the GHN predicts, the model's own values elsewhere.
+
+        BatchNorm running statistics are calibrated data-free, as for ghn-init's GHNs, so eval mode works
+        out of the box (the authors' code instead runs BatchNorm on batch statistics);
+        ``calibrate_bn=False`` leaves them at identity. Parameters are what the authors' code predicts.
+        """
+        state = dict(self.predict_tensors(model, input_size))
+        if calibrate_bn:
+            self._calibrate(model, state, input_size)
+        return state
+
+    def _calibrate(self, model: nn.Module, state: dict[str, torch.Tensor] | None,
+                   input_size: Sequence[int] | None) -> None:
+        from ..batchnorm import calibrate_predicted
+
+        calibrate_predicted(model, state, input_size or self._input_size(model), self.data_config)
 
     def predict_tensors(self, model: nn.Module,
                         input_size: Sequence[int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -188,7 +203,9 @@ class PublishedGHN(nn.Module):
     def apply_(self, model: nn.Module, input_size: Sequence[int] | None = None) -> PredictionReport:
         """Fill ``model`` in place (shared parameters stay shared); the report lists what was predicted and
         what was kept, with why."""
-        return fill_(model, self._stream(model, input_size))
+        report = fill_(model, self._stream(model, input_size))
+        self._calibrate(model, None, input_size)  # BatchNorm statistics as predict() makes them
+        return report
 
     # ------------------------------------------------------------------ life cycle
     def model_card(self, load_ref: str | None = None) -> str:

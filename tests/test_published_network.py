@@ -222,3 +222,14 @@ def test_tile_crops_centre_for_ghn3_and_corner_for_ghn2() -> None:
     corner = tile(block, (4, 3, 3, 3), code="ppuda", top_left=True, class_token=torch.zeros)
     assert torch.equal(centre[:2, :2], block[:, :, 1:4, 1:4]) and torch.equal(corner[:2, :2], block[:, :, :3, :3])
     assert torch.equal(centre[2:], centre[:2]) and torch.equal(centre[:, 2], centre[:, 0])
+
+
+def test_attention_in_blocks_of_query_rows_matches_one_block(monkeypatch) -> None:
+    """Large graphs attend in blocks of query rows (the logits of a 15k-node graph would take 7 GB at once)."""
+    from ghn_init.published import networks
+
+    network, code = _tiny_networks()[0]
+    model, graph = _Tiny(), _tiny_graph("ghn3")
+    whole = network.node_embeddings(model, graph, code=code)
+    monkeypatch.setattr(networks, "_LOGITS_PER_BLOCK", network.heads * graph.num_nodes * 3)  # blocks of 3 rows
+    torch.testing.assert_close(network.node_embeddings(model, graph, code=code), whole, rtol=1e-6, atol=1e-6)

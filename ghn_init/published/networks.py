@@ -158,25 +158,49 @@ class _Attention(nn.Module):
             self.edge_embed = _EdgeEmbedding(hid, 257)
             self.proj_e = nn.Sequential(nn.Linear(2 * hid, hid), nn.ReLU(), nn.Linear(hid, heads))
 
-    def edge_bias(self, dist: torch.Tensor) -> torch.Tensor:
-        """(heads, N, N) logit bias from the embedded (forward, backward) distance pairs.
-
-        A pair takes few values (one direction is 0 in a DAG), so it is computed once per distinct pair.
-        """
+    def edge_bias(self, dist: torch.Tensor) -> _EdgeBias:
+        """The (heads, N, N) logit bias from the embedded (forward, backward) distance pairs, held as a
+        per-pair table: a pair takes few values (one direction is 0 in a DAG), so each distinct pair
+        goes through the MLP once, and rows of the bias are looked up as attention needs them."""
         rows = self.edge_embed.embed.num_embeddings
         if int(dist.max()) + 2 >= rows:
             raise ValueError(f"graph distance {int(dist.max())} exceeds the GHN-3 edge embedding ({rows - 3} at most)")
-        pairs = (dist + 2) * rows + (dist.T + 2)
-        unique, inverse = torch.unique(pairs, return_inverse=True)
+        small = dist.to(torch.int32)
+        pairs = (small + 2) * rows + (small.T + 2)
+        present = torch.zeros(rows * rows, dtype=torch.bool, device=dist.device)
+        present[pairs.flatten()] = True
+        unique = present.nonzero().squeeze(1)  # ascending, as torch.unique would give them
         table = self.edge_embed.embed.weight
-        bias = self.proj_e(torch.cat((table[unique // rows], table[unique % rows]), dim=1))
-        return bias[inverse].permute(2, 0, 1)
+        lut = table.new_zeros(rows * rows, self.heads)
+        lut[unique] = self.proj_e(torch.cat((table[unique // rows], table[unique % rows]), dim=1))
+        return _EdgeBias(pairs, lut)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: _EdgeBias) -> torch.Tensor:
         n, c = x.shape
         q, k, v = self.to_qkv(x).reshape(n, 3, self.heads, c // self.heads).permute(1, 2, 0, 3)
-        attn = ((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1)
-        return self.to_out((attn @ v).transpose(0, 1).reshape(n, c))
+        # query rows in blocks of at most ~2^26 logits: the (heads, N, N) logits of a 15k-node graph
+        # (timm's sequencer2d_l) would need 7 GB at once; one block for graphs up to about 2,900 nodes
+        block = max(1, _LOGITS_PER_BLOCK // (self.heads * n))
+        out = x.new_empty(self.heads, n, c // self.heads)
+        for start in range(0, n, block):
+            rows = slice(start, start + block)
+            attn = ((q[:, rows] @ k.transpose(-2, -1)) * self.scale + bias.rows(rows)).softmax(dim=-1)
+            out[:, rows] = attn @ v
+        return self.to_out(out.transpose(0, 1).reshape(n, c))
+
+
+_LOGITS_PER_BLOCK = 1 << 26
+
+
+class _EdgeBias:
+    """GHN-3's attention bias: ``lut[pairs[i, j]]`` is the (heads,) bias of node pair (i, j)."""
+
+    def __init__(self, pairs: torch.Tensor, lut: torch.Tensor) -> None:
+        self.pairs, self.lut = pairs, lut
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        """(heads, rows, N) bias for a block of query rows."""
+        return self.lut[self.pairs[rows].long()].permute(2, 0, 1)
 
 
 class _FeedForward(nn.Module):
@@ -198,7 +222,7 @@ class _TransformerLayer(nn.Module):
         self.ln2 = nn.LayerNorm(hid)
         self.ff = _FeedForward(hid, 4)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: _EdgeBias) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), bias)
         return x + self.ff(self.ln2(x))
 

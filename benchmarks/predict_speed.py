@@ -1,8 +1,10 @@
 """Time of ``ghn.predict`` on a meta-device model (graph included) against timm's own random init.
 
 For each model: median of ``--repeats`` runs (default 10) of
-``ghn.predict(timm.create_model(name, device="meta"))`` and of ``timm.create_model(name)`` on the
-CPU, measured in the same worker process (after one warm-up each, interleaved), and the peak RSS
+``ghn.predict(timm.create_model(name, device="meta"), calibrate_bn=False)`` (the weights, BatchNorm
+statistics at identity as timm's own init leaves them) and of ``timm.create_model(name)`` on the
+CPU, measured in the same worker process (after one warm-up each, interleaved; ``ghn.predict`` with
+its default data-free BatchNorm calibration is timed alongside, as an extra column), and the peak RSS
 above the post-import baseline of a fresh worker running one method once. Writes
 benchmarks/results/predict_speed.{json,png} and a table in RESULTS.md; with ``--ghn REF --label L``
 (e.g. a converted GHN-3-T) the same for that GHN, as predict_speed_L.{json,png} and its own table.
@@ -27,8 +29,9 @@ import torch, timm, ghn_init
 torch.set_num_threads(int(sys.argv[3]))
 name, method, repeats = sys.argv[1], sys.argv[2], int(sys.argv[4])
 ghn = ghn_init.load(sys.argv[5] or None)
-methods = {"ghn": lambda: ghn.predict(timm.create_model(name, num_classes=1000, device="meta")),
-           "timm": lambda: timm.create_model(name, num_classes=1000)}
+methods = {"ghn": lambda: ghn.predict(timm.create_model(name, num_classes=1000, device="meta"), calibrate_bn=False),
+           "timm": lambda: timm.create_model(name, num_classes=1000),
+           "ghn_bn": lambda: ghn.predict(timm.create_model(name, num_classes=1000, device="meta"))}
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if method == "both":  # timing: interleaved in one process, one warm-up each
     times = {m: [] for m in methods}
@@ -72,6 +75,7 @@ def main() -> None:
         times = measure(name, "both", args.threads, args.repeats, args.ghn)
         rows[name] = {"params_m": round(times["params"] / 1e6, 1), "ghn_predict_s": round(times["ghn"], 4),
                       "timm_init_s": round(times["timm"], 4), "ratio": round(times["ghn"] / times["timm"], 3),
+                      "ghn_predict_calibrated_s": round(times["ghn_bn"], 4),
                       "ghn_peak_rss_mb": round(measure(name, "ghn", args.threads, ghn=args.ghn)["peak_rss_mb"]),
                       "timm_peak_rss_mb": round(measure(name, "timm", args.threads, ghn=args.ghn)["peak_rss_mb"])}
         print(name, json.dumps(rows[name]))
@@ -85,11 +89,12 @@ def main() -> None:
              f"torch {setup['machine']['torch']}, timm {setup['machine']['timm']}; medians of {args.repeats} after a "
              "warm-up, 1,000 classes.", "",
              "| model | params (M) | ghn.predict on meta (s) | timm.create_model on CPU (s) | ratio "
-             "| peak RSS, GHN / timm (MB) |",
-             "|---|---|---|---|---|---|"]
+             "| peak RSS, GHN / timm (MB) | with data-free BN calibration (s) |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['params_m']} | {r['ghn_predict_s']:.3f} | {r['timm_init_s']:.3f} | "
-                     f"**{r['ratio']:.2f}** | {r['ghn_peak_rss_mb']} / {r['timm_peak_rss_mb']} |")
+                     f"**{r['ratio']:.2f}** | {r['ghn_peak_rss_mb']} / {r['timm_peak_rss_mb']} | "
+                     f"{r['ghn_predict_calibrated_s']:.3f} |")
     command = "python benchmarks/predict_speed.py" + (f" --ghn {args.ghn} --label {args.label}" if args.ghn else "")
     lines += ["", f"`{command}` -> `benchmarks/results/{stem}.json`, `.png`"]
     title = f"## Prediction speed of {args.label} against timm's random init" if args.label else \

@@ -130,15 +130,17 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def input_size_for(model: nn.Module, ghn: GHN, img_size: int | Sequence[int] | None) -> tuple[int, int, int]:
+def input_size_for(model: nn.Module, ghn: GHN, img_size: int | Sequence[int] | None,
+                   in_chans: int | None = None) -> tuple[int, int, int]:
     """(C, H, W) to trace ``model`` at: ``img_size`` (S or (H, W)) if given, the size a fixed-size model was
     built for, else the size the GHN was trained at, or the model's own size where it cannot run at that one.
+    ``in_chans`` is the channel count the model was built with (timm before 1.0.31 keeps no ``model.in_chans``).
 
     It is also the ``input_size`` of a predicted folder's config, from which timm sets ``img_size``
     for fixed-size models: it must be the size the model was built for.
     """
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    channels = int(getattr(model, "in_chans", None) or cfg.get("input_size", (3,))[0])
+    channels = int(in_chans or getattr(model, "in_chans", None) or cfg.get("input_size", (3,))[0])
     if img_size is not None:
         height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
         return channels, height, width
@@ -290,7 +292,7 @@ def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: 
     if img_size is not None:
         _check_size("img_size", img_size, pair=True)
     model, model_args = create_target_model(name, ghn, num_classes=num_classes, img_size=img_size, **model_kwargs)
-    input_size = input_size_for(model, ghn, img_size)
+    input_size = input_size_for(model, ghn, img_size, model_args.get("in_chans"))
     ghn_name = ghn.meta.get("name", DEFAULT_NAME)
     ghn_hash = content_hash(ghn)
     registry_cfg = getattr(model, "pretrained_cfg", {}) or {}

@@ -58,9 +58,7 @@ def predicted_file(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Pat
         return path
     kwargs = dict(timm_kwargs)
     model, _ = create_target_model(name, ghn, num_classes=kwargs.pop("num_classes", None), **kwargs)
-    input_size = input_size_for(model, ghn, timm_kwargs.get("img_size"))
-    if timm_kwargs.get("in_chans") is not None:  # older timm sets no model.in_chans to read them from
-        input_size = (timm_kwargs["in_chans"], *input_size[1:])
+    input_size = input_size_for(model, ghn, timm_kwargs.get("img_size"), timm_kwargs.get("in_chans"))
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path.parent.glob("*.partial"))  # of processes killed while writing
     partial = path.with_suffix(f".{os.getpid()}.partial")

@@ -3,6 +3,7 @@
 Each test gets its own server, its own empty HF cache and HF_HUB_OFFLINE=0 for that server only.
 """
 
+import hashlib
 import json
 
 import huggingface_hub
@@ -250,3 +251,22 @@ def test_predicted_card_metadata():
     assert "base_model" not in meta and "base_model_relation" not in meta
     assert 'timm.create_model("hf-hub:' in card.text
     json.dumps(meta)  # plain data: what the Hub stores
+
+
+@pytest.mark.fixtures
+def test_published_ghn_file_downloads_once_then_loads_offline(hub, monkeypatch, reference_fixtures):
+    """``ghn_init.load("ghn3-t")``: the Hub file through the real client and cache, retried on a 5xx."""
+    repo = "SamsungSAILMontreal/ghn3"
+    data = (reference_fixtures / "ghn3-tm8-random.joblib").read_bytes()
+    hub.commit(repo, {"ghn3tm8.pt": data})
+    file = resolve_path(repo, "main", "ghn3tm8.pt")
+    hub.fail_next(file, times=1, status=503, method="GET")
+    online = ghn_init.load("ghn3-t")
+    assert hub.count("GET", file) == 2
+    assert online.meta["source"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert online.meta["source"]["repo_id"] == repo and online.meta["title"] == "GHN-3-T/m8"
+    go_offline(monkeypatch)
+    requests = len(hub.requests)
+    offline = ghn_init.load("SamsungSAILMontreal/ghn3", filename="ghn3tm8.pt")
+    assert len(hub.requests) == requests
+    assert ghn_init.content_hash(offline) == ghn_init.content_hash(online)

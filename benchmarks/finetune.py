@@ -34,6 +34,7 @@ from _report import HERE, describe_ghn, ghn_setup, machine, update_results
 from accelerate import Accelerator
 
 import ghn_init
+from ghn_init.coverage import exit_when_orphaned
 from train_ghn.evaluate import OOD_ARCHITECTURES
 from train_ghn.sgd import SGDRecipe
 
@@ -53,17 +54,9 @@ def _example() -> Any:
     return module
 
 
-def _exit_when_orphaned(parent: int, every_s: float = 2.0) -> None:
-    """Ends this job process once the benchmark that started it is gone (killed, even by SIGKILL):
-    a spawn pool's workers otherwise keep running, and keep the machine busy, after their parent."""
-    while os.getppid() == parent:
-        time.sleep(every_s)
-    os._exit(1)
-
-
 def _start_worker(test_per_class: int, threads: int, parent: int | None = None) -> None:
     if parent is not None:
-        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+        threading.Thread(target=exit_when_orphaned, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)
     _worker["example"] = example = _example()
     _worker["data"] = example.load_data(test_per_class=test_per_class)

@@ -19,13 +19,14 @@ import multiprocessing
 import os
 import queue
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHECKS", "MAX_CPU_PARAMS", "check_architecture", "check_counts", "family_of", "run_coverage",
-           "select_models"]
+__all__ = ["CHECKS", "MAX_CPU_PARAMS", "check_architecture", "check_counts", "exit_when_orphaned", "family_of",
+           "run_coverage", "select_models"]
 
 #: The checks of a row's ``checks``, in the order they run; all but ``predict`` build the model on the CPU.
 CHECKS = ("predict", "apply", "create_model", "export")
@@ -252,11 +253,21 @@ def check_counts(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return counts
 
 
-def _worker(tasks: Any, results: Any, ghn_ref: str | None, options: dict[str, Any]) -> None:
+def exit_when_orphaned(parent: int, every_s: float = 2.0) -> None:
+    """End this worker process once the process that started it is gone (killed, even by SIGKILL or a
+    plain ``kill``): spawned workers otherwise keep running, and keep the machine busy, after their parent.
+    Run it in a daemon thread of the worker."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
+
+
+def _worker(tasks: Any, results: Any, ghn_ref: str | None, options: dict[str, Any], parent: int) -> None:
     import torch
 
     from .hub import load
 
+    threading.Thread(target=exit_when_orphaned, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
     ghn = load(ghn_ref)
     while True:
@@ -285,7 +296,8 @@ def run_coverage(names: Iterable[str], ghn_ref: str | None = None, workers: int 
 
     def start_slot() -> dict[str, Any]:
         tasks = context.Queue()
-        process = context.Process(target=_worker, args=(tasks, results_q, ghn_ref, options), daemon=True)
+        process = context.Process(target=_worker, args=(tasks, results_q, ghn_ref, options, os.getpid()),
+                                  daemon=True)
         process.start()
         return {"process": process, "tasks": tasks, "name": None, "since": 0.0, "done": {}, "running": None}
 

@@ -9,17 +9,17 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-# A stand-in for the benchmark's main process: starts one job process that watches it, prints the job's
-# pid once the watch is running, then dies by SIGKILL, which no handler of its own could clean up after.
-_PARENT = f"""
+# A stand-in for a benchmark's main process (finetune's job pool, coverage's workers): starts one worker
+# that watches it, prints the worker's pid once the watch is running, then dies by SIGKILL, which no
+# handler of its own could clean up after.
+_PARENT = """
 import os, signal, subprocess, sys
 job = subprocess.Popen([sys.executable, "-c", '''
-import os, sys
-sys.path.insert(0, {str(BENCHMARKS)!r})
-import finetune
+import os
+from ghn_init.coverage import exit_when_orphaned
 parent = os.getppid()
 print(os.getpid(), flush=True)
-finetune._exit_when_orphaned(parent, every_s=0.05)
+exit_when_orphaned(parent, every_s=0.05)
 '''], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 print(job.stdout.readline().strip(), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)

@@ -75,6 +75,8 @@ def pretrained_cfg(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Any
     """A timm ``PretrainedCfg`` for GHN-predicted weights, built on the registry's cfg for ``name``.
 
     Pass the same kwargs to ``timm.create_model(name, pretrained=True, pretrained_cfg=cfg, **kwargs)``.
+    The registry's tag is kept: some timm builders (DeepSeek and Qwen3 ViT encoders) derive the
+    architecture from it, and the weights' origin is in ``description``.
     """
     import timm
     from timm.models import PretrainedCfg
@@ -96,7 +98,7 @@ def pretrained_cfg(name: str, ghn: GHN | None = None, **timm_kwargs: Any) -> Any
             first_conv = None
     return dataclasses.replace(
         base, file=str(file), url="", hf_hub_id=None, hf_hub_filename=None, source=None, state_dict=None,
-        tag="ghn", license=None, paper_ids=None, paper_name=None, origin_url=None, notes=None, custom_load=False,
+        license=None, paper_ids=None, paper_name=None, origin_url=None, notes=None, custom_load=False,
         description=f"weights predicted by the GHN {ghn.meta.get('name', '')} (sha256 {content_hash(ghn)[:16]})",
         num_classes=timm_kwargs.get("num_classes", base.num_classes), label_offset=None, label_names=None,
         label_descriptions=None, input_size=input_size, test_input_size=None, first_conv=first_conv,

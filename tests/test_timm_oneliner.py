@@ -57,7 +57,9 @@ def test_ghn_as_pretrained_cfg_predicts_for_the_model_built(which, pretrained, d
     assert model.conv1.weight.shape == (64, 2, 7, 7) and model.fc.out_features == 10 and model.drop_rate == 0.25
     _assert_state(_twin_prediction(ghn, "resnet18", **kwargs), model)
     cfg = model.pretrained_cfg
-    assert cfg["tag"] == "ghn" and cfg["architecture"] == "resnet18" and cfg["num_classes"] == 10
+    assert cfg["tag"] == timm.models.get_pretrained_cfg("resnet18").tag, "the registry's tag is kept"
+    assert cfg["description"].startswith("weights predicted by the GHN")
+    assert cfg["architecture"] == "resnet18" and cfg["num_classes"] == 10
     assert tuple(cfg["input_size"]) == (2, 32, 32), "the stem was predicted for 2 channels: nothing to adapt"
     assert tuple(cfg["mean"]) == tuple(ghn.data_config["mean"])
 
@@ -71,6 +73,17 @@ def test_vit_img_size_and_model_kwargs(default_ghn):
     again = timm.create_model("vit_tiny_patch16_224", pretrained_cfg=ghn_init, **{**kwargs, "depth": 1})
     assert len(again.blocks) == 1, "other kwargs, another prediction"
     assert len(list(Path(os.environ["GHN_INIT_CACHE"]).rglob("*.safetensors"))) == 2
+
+
+def test_builders_that_read_the_tag_build_the_registry_architecture(tiny_ghn, tmp_path, monkeypatch):
+    """qwen3/deepseek encoders look their output width up by the cfg's tag; ours must not break that."""
+    if "qwen3_vit_88m_enc" not in timm.list_models():
+        pytest.skip(f"timm {timm.__version__} has no qwen3_vit encoders")
+    monkeypatch.setattr(ghn_init.pretrained, "predicted_file", lambda *args, **kwargs: tmp_path / "unused")
+    cfg = ghn_init.pretrained_cfg("qwen3_vit_88m_enc", tiny_ghn)
+    ours = timm.create_model("qwen3_vit_88m_enc", pretrained_cfg=cfg, device="meta")
+    registry = timm.create_model("qwen3_vit_88m_enc", device="meta")
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in registry.state_dict().items()}
 
 
 def _build_both_ways(monkeypatch, seed, *args, **kwargs):

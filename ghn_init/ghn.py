@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import warnings
 import zlib
@@ -27,7 +28,7 @@ from torch import nn
 from .graph import OP_TYPES, ROLES, ArchGraph, _default_input_size, build_graph
 from .transformer import GraphTransformer
 
-__all__ = ["GHN", "GHNConfig", "PredictionReport", "fill_", "norm_statistics"]
+__all__ = ["GHN", "BatchPrediction", "GHNConfig", "PredictionReport", "fill_", "norm_statistics"]
 
 _SHAPE_FEATURES = 9
 
@@ -89,6 +90,14 @@ class PredictionReport:
 
     predicted: list[str]
     skipped: dict[str, str]
+
+
+@dataclasses.dataclass
+class BatchPrediction:
+    """One differentiable pass of the GHN over a meta-batch of graphs."""
+
+    params: list[dict[str, torch.Tensor]]  # per graph: every parameter by name, tied names included
+    norms: torch.Tensor  # (graphs,): sum of Frobenius norms of each graph's distinct tensors (GHN-3's penalty)
 
 
 @dataclasses.dataclass
@@ -216,11 +225,17 @@ def _kernel_latent(latent: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
 
 
 def _tile(block: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Repeat ``block`` along every dim until it covers ``shape``, then crop to it (differentiable)."""
+    """Repeat ``block`` along every dim until it covers ``shape``, then crop to it (differentiable).
+
+    Only dims that need it are repeated or cropped: in meta-training every operator counts.
+    """
     reps = [math.ceil(s / b) for s, b in zip(shape, block.shape)]
     if any(r > 1 for r in reps):
         block = block.repeat(*reps)
-    return block[tuple(slice(0, s) for s in shape)]
+    for dim, size in enumerate(shape):
+        if block.shape[dim] != size:
+            block = block.narrow(dim, 0, size)
+    return block
 
 
 def _tile_into(block: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -390,10 +405,25 @@ class GHN(nn.Module):
         return h, encoded, offsets
 
     def decode(self, graphs: Sequence[ArchGraph]) -> tuple[list[_Target], list[torch.Tensor]]:
-        """Every parameter of ``graphs`` as a small normalized block, decoded in batches of equal shape.
+        """Every parameter of ``graphs`` as a small normalized block (see :meth:`decode_groups`).
 
         Tiling a block to its tensor's shape is left to the caller, so prediction can produce
         tensors one at a time.
+        """
+        targets, groups = self.decode_groups(graphs)
+        blocks: list[torch.Tensor | None] = [None] * len(targets)
+        for idx, batch in groups:
+            for i, block in zip(idx, batch.unbind(0)):
+                blocks[i] = block
+        return targets, blocks
+
+    def decode_groups(self, graphs: Sequence[ArchGraph]) -> tuple[list[_Target], list[tuple[list[int], torch.Tensor]]]:
+        """The parameters of ``graphs`` and their normalized blocks, stacked in groups of equal block shape.
+
+        Each group is (indices into the targets, a ``(len(indices), *block)`` tensor): one decoder
+        call per group, whatever the number of tensors, so the cost of a meta-batch does not grow
+        with its tensor count. Within a group, tensors of one tile shape are adjacent. The low-rank
+        decoder crops factors per tensor: its groups hold one.
         """
         h, encoded, offsets = self.node_states(graphs)
         targets = _targets(graphs, encoded, offsets, self.config.residual_branch_gain)
@@ -408,16 +438,17 @@ class GHN(nn.Module):
         gains = torch.tensor([t.gain for t in targets], device=device)
         z = self.param_norm(h[rows] + self.role_embed(roles) + self.param_shape_embed(dims))
 
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        by_decoder: dict[tuple[Any, ...], list[int]] = {}
         for i, t in enumerate(targets):
             kernel = t.view[2:] if t.kind == "kernel" else ()
-            groups.setdefault((t.kind, t.role, *kernel), []).append(i)
-        blocks: list[torch.Tensor | None] = [None] * len(targets)
-        for (kind, role, *kernel), idx in groups.items():
+            by_decoder.setdefault((t.kind, t.role, *kernel), []).append(i)
+        groups: list[tuple[list[int], torch.Tensor]] = []
+        for (kind, role, *kernel), idx in by_decoder.items():
+            idx.sort(key=lambda i: targets[i].tile_shape)  # same-shape tensors adjacent: predict_batch splits
             sel = torch.tensor(idx, device=device)
             if kind != "vector" and cfg.decoder == "low_rank":
                 for i, raw in zip(idx, self._low_rank_blocks([targets[i] for i in idx], z[sel], kind, kernel)):
-                    blocks[i] = _normalize(raw.unsqueeze(0), role, fan_in[i:i + 1])[0] * targets[i].gain
+                    groups.append(([i], _normalize(raw.unsqueeze(0), role, fan_in[i:i + 1]) * targets[i].gain))
                 continue
             if kind == "vector":
                 raw = self.vector_head(z[sel])
@@ -428,10 +459,8 @@ class GHN(nn.Module):
                 lat = _kernel_latent(self.kernel_latent(z[sel]).view(-1, cfg.latent, cfg.max_kernel, cfg.max_kernel),
                                      kh, kw).permute(0, 2, 3, 1)
                 raw = self.kernel_block(lat).view(-1, kh, kw, cfg.block, cfg.block).permute(0, 3, 4, 1, 2)
-            scaled = _normalize(raw, role, fan_in[sel]) * gains[sel].view(-1, *[1] * (raw.dim() - 1))
-            for i, block in zip(idx, scaled):
-                blocks[i] = block
-        return targets, blocks
+            groups.append((idx, _normalize(raw, role, fan_in[sel]) * gains[sel].view(-1, *[1] * (raw.dim() - 1))))
+        return targets, groups
 
     def _low_rank_blocks(self, targets: Sequence[_Target], z: torch.Tensor, kind: str,
                          kernel: Sequence[int]) -> list[torch.Tensor]:
@@ -457,14 +486,38 @@ class GHN(nn.Module):
 
     def forward(self, graphs: Sequence[ArchGraph]) -> list[dict[str, torch.Tensor]]:
         """Predicted parameters (float32, on the GHN's device) for each graph, keyed by name."""
-        targets, blocks = self.decode(graphs)
-        results: list[dict[str, torch.Tensor]] = [{} for _ in graphs]
-        for target, block in zip(targets, blocks):
-            results[target.graph][target.name] = _tile(block, target.tile_shape).reshape(target.shape)
+        return self.predict_batch(graphs).params
+
+    def predict_batch(self, graphs: Sequence[ArchGraph]) -> BatchPrediction:
+        """:meth:`forward` plus each graph's predicted-tensor norm, what meta-training needs.
+
+        Tensors of one block group that share a shape are tiled in one call and their norms taken
+        in one reduction, so a step's operator count grows with the number of distinct shapes, not
+        of tensors (a ViT's blocks are all alike).
+        """
+        targets, groups = self.decode_groups(graphs)
+        params: list[dict[str, torch.Tensor]] = [{} for _ in graphs]
+        norms, owners = [], []
+        for idx, batch in groups:
+            shapes = [targets[i].tile_shape for i in idx]
+            sizes = [len(list(run)) for _, run in itertools.groupby(shapes)]
+            start = 0
+            for members, size in zip(batch.split(sizes), sizes):
+                tiled = _tile(members, (size, *shapes[start]))
+                norms.append(torch.linalg.vector_norm(tiled, dim=tuple(range(1, tiled.dim()))))
+                for i, tensor in zip(idx[start:start + size], tiled.unbind(0)):
+                    target = targets[i]
+                    params[target.graph][target.name] = tensor if tensor.shape == target.shape else tensor.view(target.shape)
+                    owners.append(target.graph)
+                start += size
         for gi, graph in enumerate(graphs):
             for alias, name in graph.aliases.items():
-                results[gi][alias] = results[gi][name]
-        return results
+                params[gi][alias] = params[gi][name]
+        device = self.op_embed.weight.device
+        total = torch.zeros(len(graphs), device=device)
+        if norms:
+            total = total.index_add(0, torch.tensor(owners, device=device), torch.cat(norms))
+        return BatchPrediction(params, total)
 
     # ------------------------------------------------------------------ user-facing API
     @property

@@ -9,6 +9,7 @@ from torch import nn
 
 import ghn_init
 from ghn_init import GHN, GHNConfig
+from ghn_init.ghn import _tile
 from ghn_init.graph import build_graph
 from ghn_init.transformer import distance_buckets
 
@@ -103,3 +104,27 @@ def test_unknown_encoder_or_decoder_is_an_error():
         GHNConfig(encoder="gat")
     with pytest.raises(ValueError, match="decoder"):
         GHNConfig(decoder="lora")
+
+
+@pytest.mark.parametrize(("encoder", "decoder"), [("gated_gnn", "tiling"), ("gated_gnn", "low_rank")])
+def test_batched_tiling_gives_each_block_tiled_and_the_norm_penalty(encoder, decoder):
+    """predict_batch tiles same-shape tensors together: each must still be its own block tiled to
+    its shape, and each graph's norm the sum over its distinct tensors (a tied weight once)."""
+    ghn = _ghn(encoder, decoder, untie_noise=0.0)
+    models = [timm.create_model("resnet18", num_classes=10),
+              timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=3)]
+    models[1].blocks[1].attn.proj.weight = models[1].blocks[0].attn.proj.weight  # a tie
+    graphs = [build_graph(model, (3, 32, 32)) for model in models]
+    batch = ghn.predict_batch(graphs)
+    targets, blocks = ghn.decode(graphs)
+    for target, block in zip(targets, blocks):
+        expected = _tile(block, target.tile_shape).reshape(target.shape)
+        assert torch.equal(batch.params[target.graph][target.name], expected), target.name
+    assert batch.params[1]["blocks.1.attn.proj.weight"] is batch.params[1]["blocks.0.attn.proj.weight"]
+    assert graphs[1].aliases, "the tie is seen"
+    for gi, graph in enumerate(graphs):
+        distinct = [t for name, t in batch.params[gi].items() if name not in graph.aliases]
+        assert len(distinct) == len(batch.params[gi]) - len(graph.aliases)
+        assert torch.allclose(batch.norms[gi], torch.stack([t.norm() for t in distinct]).sum(), rtol=1e-5)
+    batch.norms.sum().backward()
+    assert ghn.kernel_latent[0].weight.grad.abs().sum() > 0, "the penalty reaches the decoder"

@@ -97,7 +97,8 @@ class BatchPrediction:
     """One differentiable pass of the GHN over a meta-batch of graphs."""
 
     params: list[dict[str, torch.Tensor]]  # per graph: every parameter by name, tied names included
-    norms: torch.Tensor  # (graphs,): sum of Frobenius norms of each graph's distinct tensors (GHN-3's penalty)
+    #: (graphs,): sum of Frobenius norms of each graph's distinct tensors (GHN-3's penalty); None if not asked for
+    norms: torch.Tensor | None
 
 
 @dataclasses.dataclass
@@ -486,10 +487,10 @@ class GHN(nn.Module):
 
     def forward(self, graphs: Sequence[ArchGraph]) -> list[dict[str, torch.Tensor]]:
         """Predicted parameters (float32, on the GHN's device) for each graph, keyed by name."""
-        return self.predict_batch(graphs).params
+        return self.predict_batch(graphs, norms=False).params
 
-    def predict_batch(self, graphs: Sequence[ArchGraph]) -> BatchPrediction:
-        """:meth:`forward` plus each graph's predicted-tensor norm, what meta-training needs.
+    def predict_batch(self, graphs: Sequence[ArchGraph], norms: bool = True) -> BatchPrediction:
+        """:meth:`forward` plus (with ``norms``) each graph's predicted-tensor norm, what meta-training needs.
 
         Tensors of one block group that share a shape are tiled in one call and their norms taken
         in one reduction, so a step's operator count grows with the number of distinct shapes, not
@@ -497,14 +498,15 @@ class GHN(nn.Module):
         """
         targets, groups = self.decode_groups(graphs)
         params: list[dict[str, torch.Tensor]] = [{} for _ in graphs]
-        norms, owners = [], []
+        group_norms, owners = [], []
         for idx, batch in groups:
             shapes = [targets[i].tile_shape for i in idx]
             sizes = [len(list(run)) for _, run in itertools.groupby(shapes)]
             start = 0
             for members, size in zip(batch.split(sizes), sizes):
                 tiled = _tile(members, (size, *shapes[start]))
-                norms.append(torch.linalg.vector_norm(tiled, dim=tuple(range(1, tiled.dim()))))
+                if norms:
+                    group_norms.append(torch.linalg.vector_norm(tiled, dim=tuple(range(1, tiled.dim()))))
                 for i, tensor in zip(idx[start:start + size], tiled.unbind(0)):
                     target = targets[i]
                     params[target.graph][target.name] = tensor if tensor.shape == target.shape else tensor.view(target.shape)
@@ -513,10 +515,12 @@ class GHN(nn.Module):
         for gi, graph in enumerate(graphs):
             for alias, name in graph.aliases.items():
                 params[gi][alias] = params[gi][name]
+        if not norms:
+            return BatchPrediction(params, None)
         device = self.op_embed.weight.device
         total = torch.zeros(len(graphs), device=device)
-        if norms:
-            total = total.index_add(0, torch.tensor(owners, device=device), torch.cat(norms))
+        if group_norms:
+            total = total.index_add(0, torch.tensor(owners, device=device), torch.cat(group_norms))
         return BatchPrediction(params, total)
 
     # ------------------------------------------------------------------ user-facing API

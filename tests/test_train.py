@@ -215,4 +215,31 @@ def test_shipped_configs_are_valid(path):
     config = TrainConfig.from_yaml(path)
     GHNConfig.from_dict(config.ghn)
     ArchitectureSampler(config.mix, config.pool_size, seed=config.seed)
-    assert config.init_from is None or config.init_from.startswith("runs/")
+    if config.init_from and not config.init_from.startswith("runs/"):  # runs/: an earlier stage's output
+        assert Path(config.init_from, "config.json").is_file(), f"{path.name}: init_from {config.init_from} is missing"
+
+
+@pytest.mark.data
+def test_gpu_config_runs_on_the_cpu_from_the_default_with_staged_data(tmp_path, monkeypatch):
+    """default-gpu-10min.yaml, shrunk to two steps on the CPU (bf16 autocast there too), from the
+    embedded default and the train-only CIFAR-10 copy the GPU machine gets."""
+    from train_ghn.data import load_cifar10, stage_training_data
+
+    staged = stage_training_data(tmp_path / "data")
+    assert staged.stat().st_size <= 46 * 2**20
+    monkeypatch.setenv("GHN_INIT_DATA", str(tmp_path / "data"))
+    with pytest.raises(FileNotFoundError, match="holds no test images"):
+        load_cifar10("test")
+    config = TrainConfig.from_yaml("train_ghn/configs/default-gpu-10min.yaml")
+    default = ghn_init.load()
+    assert config.ghn == {k: v for k, v in vars(default.config).items() if k in config.ghn}
+    for key, value in dict(pool_size=1, prebuild_workers=2, batch_size=16, meta_batch=2, max_steps=2,
+                           train_images=128, time_limit_min=None, checkpoint_every=2).items():
+        setattr(config, key, value)
+    final = Trainer(config, tmp_path / "run", device="cpu").run()
+    trained = ghn_init.load(str(final))
+    stages = trained.meta["training"]["stages"]
+    assert len(stages) == len(default.meta["training"]["stages"]) + 1 and stages[-1]["steps"] == 2
+    assert stages[-1]["config"]["amp"] == "bf16"
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, default.state_dict()[k])]
+    assert changed, "two steps moved the GHN"

@@ -14,7 +14,8 @@ the CPU, prebuilds its pool (``--pool-size`` architectures per family), encodes 
 
 Versions alternate ``--repeats`` times (baseline, current, baseline, ...); medians are reported and
 the speed-up is current over baseline. The config file is the same for both (taken from this tree),
-so a setting the baseline ignores, such as ``amp: bf16`` on the CPU, counts as this tree's gain.
+so a setting the baseline ignores counts as this tree's gain: ``cifar10-cpu+bf16`` runs cifar10-cpu.yaml
+with ``amp: bf16``, which the baseline ignored on the CPU.
 Writes benchmarks/results/step_cost.{json,png} and the ``step_cost`` section of RESULTS.md.
 """
 
@@ -30,10 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from _report import HERE, machine, update_results
 
 REPO = HERE.parent
-CONFIGS = ["smoke", "cifar10-cpu"]
+#: names in train_ghn/configs; "+bf16" runs the config with ``amp: bf16`` (which the baseline ignores on the CPU)
+CONFIGS = ["smoke", "cifar10-cpu", "cifar10-cpu+bf16"]
 #: main before the step-cost work of issue 17 (grouped tiling, fused optimizer, CPU bf16)
 BASELINE = "83d4b2b"
 PHASES = ("data", "node_states", "decode", "tiling", "target_forward", "backward", "optimizer")
@@ -62,7 +65,7 @@ def _count_operators(profile) -> dict[str, int]:
     return {"all": len(events), "top_level": len(top), "kernels": len(kernels)}
 
 
-def worker(config_path: str, pool_size: int, warmup: int, steps: int, profile_steps: int) -> dict:
+def worker(config_path: str, amp: str, pool_size: int, warmup: int, steps: int, profile_steps: int) -> dict:
     """Measure one code version (whatever ``train_ghn`` the import path holds) in this process."""
     import torch
     import torch.nn.functional as F
@@ -72,6 +75,7 @@ def worker(config_path: str, pool_size: int, warmup: int, steps: int, profile_st
 
     torch.set_num_threads(1)
     config = TrainConfig.from_yaml(config_path)
+    config.amp = amp
     config.pool_size = min(config.pool_size, pool_size)
     config.eval_every, config.prebuild_workers = 0, 0
     with tempfile.TemporaryDirectory() as out:
@@ -134,15 +138,20 @@ def worker(config_path: str, pool_size: int, warmup: int, steps: int, profile_st
             "phases_s": {k: round(v / steps, 4) for k, v in phases.items()}}
 
 
-def _run_worker(root: Path, config: Path, args: argparse.Namespace) -> dict:
+def _run_worker(root: Path, config: Path, amp: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "GHN_INIT_DATA": str(Path(os.environ.get("GHN_INIT_DATA", REPO.parent / "shared" / "data")).resolve())}
-    command = [sys.executable, __file__, "--worker", str(config), "--pool-size", str(args.pool_size),
+    command = [sys.executable, __file__, "--worker", str(config), "--amp", amp, "--pool-size", str(args.pool_size),
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile-steps", str(args.profile_steps)]
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"step_cost worker on {root} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _config_amp(config: Path) -> str:
+    """The config's own ``amp`` setting."""
+    return (yaml.safe_load(config.read_text()) or {}).get("amp", "none")
 
 
 def _median_row(runs: list[dict]) -> dict:
@@ -163,11 +172,13 @@ def measure(args: argparse.Namespace) -> dict:
                        capture_output=True, check=True)
         try:
             for name in args.configs:
-                config = REPO / "train_ghn" / "configs" / f"{name}.yaml"
+                stem, _, variant = name.partition("+")
+                config = REPO / "train_ghn" / "configs" / f"{stem}.yaml"
+                amp = variant or _config_amp(config)
                 runs: dict[str, list[dict]] = {"baseline": [], "current": []}
                 for _ in range(args.repeats):
                     for version, root in (("baseline", baseline_root), ("current", REPO)):
-                        runs[version].append(_run_worker(root, config, args))
+                        runs[version].append(_run_worker(root, config, amp, args))
                         print(name, version, json.dumps(runs[version][-1]), flush=True)
                 rows = {version: _median_row(r) for version, r in runs.items()}
                 rows["speedup"] = statistics.median(c["steps_per_s"] / b["steps_per_s"]
@@ -252,9 +263,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for step_cost.json/.png")
     parser.add_argument("--no-results-md", action="store_true", help="leave benchmarks/RESULTS.md alone")
     parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
+    parser.add_argument("--amp", default="none", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.pool_size, args.warmup, args.steps, args.profile_steps)))
+        print(json.dumps(worker(args.worker, args.amp, args.pool_size, args.warmup, args.steps, args.profile_steps)))
         return
     setup = {k: getattr(args, k) for k in ("configs", "pool_size", "warmup", "steps", "profile_steps", "repeats")}
     setup["machine"] = machine()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import warnings
@@ -225,17 +226,20 @@ def _kernel_latent(latent: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     return latent[:, :, top:top + kh, left:left + kw]
 
 
+@functools.lru_cache(maxsize=4096)
+def _tile_index(size: int, period: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(size, device=device) % period
+
+
 def _tile(block: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Repeat ``block`` along every dim until it covers ``shape``, then crop to it (differentiable).
 
-    Only dims that need it are repeated or cropped: in meta-training every operator counts.
+    One gather per dim that needs it does both, with a light backward: in meta-training every
+    operator counts (``repeat`` and a crop cost about ten times as many).
     """
-    reps = [math.ceil(s / b) for s, b in zip(shape, block.shape)]
-    if any(r > 1 for r in reps):
-        block = block.repeat(*reps)
     for dim, size in enumerate(shape):
         if block.shape[dim] != size:
-            block = block.narrow(dim, 0, size)
+            block = block.index_select(dim, _tile_index(size, block.shape[dim], block.device))
     return block
 
 
@@ -255,6 +259,24 @@ def _tile_into(block: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if rest:
         out[full * rows:].copy_(strip[:rest])
     return out
+
+
+def _tiled_square_sums(batch: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    """Sum of squares of each block of ``batch`` as tiled to its shape in ``shapes``, without tiling.
+
+    Each block element is weighted by how often the tile repeats it (per dim: the number of
+    positions below the target size congruent to it), so the norm penalty of meta-training costs a
+    few operators per block group instead of a reduction per tensor.
+    """
+    letters = "abcdefgh"[:batch.dim() - 1]
+    operands, spec = [batch.square()], [f"n{letters}"]
+    for dim, size in enumerate(batch.shape[1:]):
+        if all(shape[dim] == size for shape in shapes):
+            continue
+        target = torch.tensor([shape[dim] for shape in shapes], device=batch.device).unsqueeze(1)
+        operands.append(((target - torch.arange(size, device=batch.device) + size - 1) // size).to(batch.dtype))
+        spec.append(f"n{letters[dim]}")
+    return torch.einsum(",".join(spec) + "->n", *operands)
 
 
 #: Periods of the untying noise: primes, so no tile copy of a 64- or 128-wide block lines up with
@@ -492,25 +514,26 @@ class GHN(nn.Module):
     def predict_batch(self, graphs: Sequence[ArchGraph], norms: bool = True) -> BatchPrediction:
         """:meth:`forward` plus (with ``norms``) each graph's predicted-tensor norm, what meta-training needs.
 
-        Tensors of one block group that share a shape are tiled in one call and their norms taken
-        in one reduction, so a step's operator count grows with the number of distinct shapes, not
-        of tensors (a ViT's blocks are all alike).
+        Tensors of one block group that share a shape are tiled in one call, and the norms of a
+        block group come from its blocks in one contraction, so a step's operator count grows with
+        the number of distinct shapes, not of tensors (a ViT's blocks are all alike).
         """
         targets, groups = self.decode_groups(graphs)
         params: list[dict[str, torch.Tensor]] = [{} for _ in graphs]
-        group_norms, owners = [], []
+        square_sums: list[torch.Tensor] = []
+        owners: list[int] = []
         for idx, batch in groups:
             shapes = [targets[i].tile_shape for i in idx]
+            if norms:
+                square_sums.append(_tiled_square_sums(batch, shapes))
+                owners.extend(targets[i].graph for i in idx)
             sizes = [len(list(run)) for _, run in itertools.groupby(shapes)]
             start = 0
             for members, size in zip(batch.split(sizes), sizes):
                 tiled = _tile(members, (size, *shapes[start]))
-                if norms:
-                    group_norms.append(torch.linalg.vector_norm(tiled, dim=tuple(range(1, tiled.dim()))))
                 for i, tensor in zip(idx[start:start + size], tiled.unbind(0)):
                     target = targets[i]
                     params[target.graph][target.name] = tensor if tensor.shape == target.shape else tensor.view(target.shape)
-                    owners.append(target.graph)
                 start += size
         for gi, graph in enumerate(graphs):
             for alias, name in graph.aliases.items():
@@ -519,8 +542,8 @@ class GHN(nn.Module):
             return BatchPrediction(params, None)
         device = self.op_embed.weight.device
         total = torch.zeros(len(graphs), device=device)
-        if group_norms:
-            total = total.index_add(0, torch.tensor(owners, device=device), torch.cat(group_norms))
+        if square_sums:
+            total = total.index_add(0, torch.tensor(owners, device=device), torch.cat(square_sums).sqrt())
         return BatchPrediction(params, total)
 
     # ------------------------------------------------------------------ user-facing API

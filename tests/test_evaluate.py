@@ -100,3 +100,18 @@ def test_cli_sgd_protocol_end_to_end(tmp_path, monkeypatch):
 def test_cli_needs_architectures():
     with pytest.raises(SystemExit):
         evaluate.main([])
+
+
+def test_batch_statistics_accuracy_leaves_running_statistics_alone():
+    """The batch-statistics number runs test images in train mode; the eval-mode number after it
+    must still use the statistics the model had (data-free, or calibrated on train images)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(2, 3, 8, 8))
+    model[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = torch.randn(40, 3, 8, 8) * 3 + 1, torch.randint(0, 10, (40,))
+    evaluate.accuracy(model, images, labels, batch_size=20, batch_stats=True)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training

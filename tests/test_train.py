@@ -91,6 +91,18 @@ def test_stop_and_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.data
+def test_a_run_killed_before_its_first_checkpoint_starts_its_log_over(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2, 3)))
+    config = TrainConfig.from_yaml(SMOKE)
+    config.max_steps, config.eval_every = 2, 0
+    Trainer(config, out).run()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] != 9.0 for r in log)
+
+
+@pytest.mark.data
 def test_norm_penalty_shrinks_predicted_norms():
     """GHN-3's penalty on the Frobenius norms of predicted tensors enters the loss and its gradient."""
     first, last = {}, {}

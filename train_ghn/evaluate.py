@@ -125,16 +125,22 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     """Top-1 accuracy; ``batch_stats=True`` evaluates in train mode (GHN-2's protocol).
 
     With batch statistics each batch is a fixed random sample: the test split's file order is grouped
-    by class, and single-class batches would make the statistics meaningless.
+    by class, and single-class batches would make the statistics meaningless. The model's running
+    statistics are restored afterwards: test images must not leak into the eval-mode number.
     """
+    saved = {}
     if batch_stats:
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0)).to(labels.device)
         images, labels = images[order], labels[order]
+        saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.train(batch_stats)
     hits = 0
     for xb, yb in zip(_batches(images, batch_size), _batches(labels, batch_size)):
         hits += int((model(xb).argmax(1) == yb).sum())
     model.eval()
+    for name, buffer in model.named_buffers():
+        if name in saved:
+            buffer.copy_(saved[name])
     return hits / len(labels)
 
 

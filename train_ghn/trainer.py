@@ -539,9 +539,12 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-        if self.load_checkpoint():
+        resumed = self.load_checkpoint()
+        if resumed:
             logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
-        elif cfg.init_from:
+        elif main:  # a run killed before its first checkpoint starts over: so does its log
+            _truncate_log(self.out / "log.jsonl", 0)
+        if not resumed and cfg.init_from:
             earlier = load_folder(cfg.init_from)
             self.ghn.load_state_dict(earlier.state_dict())
             self.earlier_stages = training_stages(earlier.meta)

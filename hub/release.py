@@ -59,35 +59,58 @@ def evaluation_markdown(paths: list[Path]) -> str:
     return "\n".join(parts)
 
 
+def _budgets(row: dict, recipe: dict) -> dict[int, dict]:
+    """An architecture's results by SGD budget; files written before budgets had one, the recipe's."""
+    return {int(steps): cell for steps, cell in (row.get("steps") or {str(recipe["steps"]): row}).items()}
+
+
 def finetune_markdown(path: Path) -> str:
-    """The fine-tuning benchmark's table (GHN init against timm's init, paired per seed) and which init to
-    start from per architecture: where the paired difference is negative beyond two standard errors,
-    timm's own init measured better."""
+    """The fine-tuning benchmark's table (GHN init against timm's init, paired per seed, per SGD budget) and,
+    per budget, which init to start from: where the paired difference is negative beyond two standard
+    errors, timm's own init measured better; within two, they are level."""
     result = json.loads(path.read_text())
-    unpaired = [name for name, row in result["architectures"].items() if "ghn_minus_default" not in row]
+    recipe = result["setup"]["recipe"]
+    cells = {name: _budgets(row, recipe) for name, row in result["architectures"].items()}
+    unpaired = [f"{name} ({steps} steps)" for name, budgets in cells.items() for steps, cell in budgets.items()
+                if "ghn_minus_default" not in cell]
     if unpaired:
         raise SystemExit(f"{path}: no paired GHN - default difference for {', '.join(unpaired)}; run "
                          "`python benchmarks/finetune.py --inits ghn default --seeds 0 1 2` first")
-    recipe = result["setup"]["recipe"]
-    lines = [f"CIFAR-10, {recipe['steps']} steps of SGD (peak lr {recipe['lr']}, one-cycle, batch "
-             f"{recipe['batch_size']}) from the predicted weights and from timm's default init, same batches; "
-             f"{result['setup']['split']}; mean of seeds {', '.join(map(str, recipe['seeds']))}.", "",
-             "| architecture | timm kwargs | GHN init | timm default init | GHN - default, paired (points) |",
-             "|---|---|---|---|---|"]
-    worse, level = [], []
-    for name, row in result["architectures"].items():
-        diff = row["ghn_minus_default"]
-        mean, error = 100 * diff["mean"], 100 * diff["standard_error"]
-        lines.append(f"| {name} | `{json.dumps(row['kwargs'])}` | {row['ghn']['accuracy']:.1%} | "
-                     f"{row['default']['accuracy']:.1%} | {mean:+.1f} ± {error:.1f} |")
-        if mean + 2 * error < 0:
-            worse.append(name)
-        elif mean - 2 * error <= 0:
-            level.append(name)
-    seeds = " ".join(map(str, recipe["seeds"]))
-    lines += ["", f"Level within two standard errors: {', '.join(level) or 'none'}. Better started from timm's own "
-              f"init: {', '.join(worse) or 'none'}.", "",
-              f"Reproduce: `python benchmarks/finetune.py --inits ghn default --seeds {seeds}`.", ""]
+    lines = [f"CIFAR-10, SGD (peak lr {recipe['lr']}, one-cycle over each budget, batch {recipe['batch_size']}) "
+             f"from the predicted weights and from timm's default init, same batches per seed; "
+             f"{result['setup']['split']}; accuracy is the mean over the seeds, the difference paired per seed.", "",
+             "| architecture | timm kwargs | SGD steps | GHN init | timm default init | GHN - default, paired (points) "
+             "| seeds |", "|---|---|---|---|---|---|---|"]
+    verdicts: dict[int, tuple[list[str], list[str]]] = {}
+    for name, budgets in cells.items():
+        kwargs = json.dumps(result["architectures"][name]["kwargs"])
+        for steps, cell in sorted(budgets.items()):
+            diff = cell["ghn_minus_default"]
+            seeds = diff.get("n") or len(recipe.get("seeds", ()))
+            mean = 100 * diff["mean"]
+            error = None if diff["standard_error"] is None else 100 * diff["standard_error"]
+            spread = "" if error is None else f" ± {error:.1f}"
+            lines.append(f"| {name} | `{kwargs}` | {steps:,} | {cell['ghn']['accuracy']:.1%} | "
+                         f"{cell['default']['accuracy']:.1%} | {mean:+.1f}{spread} | {seeds} |")
+            worse, level = verdicts.setdefault(steps, ([], []))
+            if error is None:
+                continue
+            if mean + 2 * error < 0:
+                worse.append(name)
+            elif mean - 2 * error <= 0:
+                level.append(name)
+    lines.append("")
+    seeds = {steps: max(c[steps]["ghn_minus_default"].get("n") or len(recipe.get("seeds", ()))
+                        for c in cells.values() if steps in c) for steps in verdicts}
+    most = max(seeds.values())
+    fewer = [f"{steps}={','.join(map(str, range(n)))}" for steps, n in sorted(seeds.items()) if n < most]
+    command = (f"--steps {' '.join(map(str, sorted(seeds)))} --seeds {' '.join(map(str, range(most)))}"
+               + (f" --seeds-at {' '.join(fewer)}" if fewer else ""))
+    for steps, (worse, level) in sorted(verdicts.items()):
+        lines.append(f"- {steps:,} steps: level within two standard errors: {', '.join(level) or 'none'}; better "
+                     f"started from timm's own init: {', '.join(worse) or 'none'}.")
+    lines += ["", "One seed gives no standard error and no verdict. Reproduce: "
+              f"`python benchmarks/finetune.py --inits ghn default {command}`.", ""]
     return "\n".join(lines)
 
 

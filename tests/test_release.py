@@ -30,17 +30,37 @@ def test_finetune_section_says_where_timm_init_measured_better(tmp_path):
     path = tmp_path / "finetune.json"
     path.write_text(json.dumps(result))
     text = _release().finetune_markdown(path)
-    assert "| resnet18 | `{}` | 46.3% | 38.0% | +8.3 ± 0.7 |" in text
-    assert "Level within two standard errors: vit_tiny_patch16_224." in text
-    assert "Better started from timm's own init: mixer_s16_224." in text
+    assert "| resnet18 | `{}` | 200 | 46.3% | 38.0% | +8.3 ± 0.7 | 3 |" in text
+    assert ("- 200 steps: level within two standard errors: vit_tiny_patch16_224; better started from timm's own "
+            "init: mixer_s16_224.") in text
     assert "--seeds 0 1 2" in text
+
+
+def test_finetune_section_per_budget(tmp_path):
+    """benchmarks/finetune.py's per-budget file: a row per budget, verdicts per budget, none from one seed."""
+    def cell(ghn, default, mean, error, n):
+        return {**_row(ghn, default, mean, error), "ghn_minus_default": {"mean": mean, "standard_error": error, "n": n}}
+
+    rows = {"rexnet_100": {"kwargs": {}, "steps": {"200": cell(0.301, 0.262, 0.039, 0.004, 3),
+                                                   "1000": cell(0.450, 0.509, -0.059, 0.010, 3),
+                                                   "3000": cell(0.60, 0.62, -0.02, None, 1)}}}
+    path = tmp_path / "finetune.json"
+    path.write_text(json.dumps({"setup": {"split": "balanced test", "recipe": {"lr": 0.05, "batch_size": 64}},
+                                "architectures": rows}))
+    text = _release().finetune_markdown(path)
+    assert "| rexnet_100 | `{}` | 1,000 | 45.0% | 50.9% | -5.9 ± 1.0 | 3 |" in text
+    assert "| rexnet_100 | `{}` | 3,000 | 60.0% | 62.0% | -2.0 | 1 |" in text
+    assert "- 200 steps: level within two standard errors: none; better started from timm's own init: none." in text
+    assert "- 1,000 steps: level within two standard errors: none; better started from timm's own init: rexnet_100." in text
+    assert "- 3,000 steps: level within two standard errors: none; better started from timm's own init: none." in text
+    assert "--steps 200 1000 3000 --seeds 0 1 2 --seeds-at 3000=0`" in text
 
 
 def test_finetune_section_needs_both_inits_over_several_seeds(tmp_path):
     row = {"kwargs": {}, "ghn": {"accuracy": 0.46}}
     path = tmp_path / "finetune.json"
-    path.write_text(json.dumps({"setup": {"recipe": {"seeds": [0]}}, "architectures": {"resnet18": row}}))
-    with pytest.raises(SystemExit, match="resnet18.*--inits ghn default --seeds"):
+    path.write_text(json.dumps({"setup": {"recipe": {"seeds": [0], "steps": 200}}, "architectures": {"resnet18": row}}))
+    with pytest.raises(SystemExit, match="resnet18 .200 steps.*--inits ghn default --seeds"):
         _release().finetune_markdown(path)
 
 

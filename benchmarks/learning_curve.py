@@ -53,10 +53,9 @@ import torch
 from _report import HERE, machine, update_results
 from tqdm.auto import tqdm
 
-from ghn_init.hub import load_folder
 from train_ghn.data import balanced_test_indices
 from train_ghn.evaluate import Architecture, evaluate_model, load_eval_data, named_architecture, ood_architectures
-from train_ghn.trainer import TrainConfig, Trainer, training_stages
+from train_ghn.trainer import TrainConfig, Trainer
 
 REPO = HERE.parent
 #: Short names accepted by ``--archs``.
@@ -194,11 +193,9 @@ def learning_curve(label: str, record: dict[str, Any], archs: list[Architecture]
     config = TrainConfig.from_yaml(config_path)
     config.seed = record["seed"]
     trainer = Trainer(config, run_dir, device="cpu")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
     log_path = run_dir / "log.jsonl"
     clock = Clock()
-    resumed = trainer.load_checkpoint()  # also drops log records past the checkpoint
+    resumed = trainer.start()  # also drops log records past the checkpoint, or all of them on a fresh start
     if resumed:
         logged = _read_log(log_path)
         if not logged or logged[-1]["step"] != trainer.step or "cpu_s" not in logged[-1]:
@@ -208,12 +205,7 @@ def learning_curve(label: str, record: dict[str, Any], archs: list[Architecture]
         logger.info("%s: resumed at step %d, %.2f CPU-minutes, %d points", label, trainer.step, clock.cpu_s / 60,
                     len(record["curve"]))
     else:
-        log_path.unlink(missing_ok=True)  # steps of a run killed before its first checkpoint
         record["curve"] = []
-        if config.init_from:
-            earlier = load_folder(config.init_from)
-            trainer.ghn.load_state_dict(earlier.state_dict())
-            trainer.earlier_stages = training_stages(earlier.meta)
         _write_json(state_path, record)
     with contextlib.nullcontext() if resumed else clock.running():
         trainer.prebuild(1)

@@ -206,11 +206,13 @@ def markdown(setup: dict, measured: dict) -> str:
         for version in ("baseline", "current"):
             r = rows[version]
             ops = r["operators"]
-            lines.append(f"| {name} | {version} | {r['steps_per_s']:.3f} | {ops['all']:,.0f} | {ops['top_level']:,.0f} | "
+            lines.append(f"| {name} | {version} | {r['steps_per_s']:.3f} | {ops['all']:,.0f} | "
+                         f"{ops['top_level']:,.0f} | "
                          f"{ops['kernels']:,.0f} | " + " | ".join(f"{1000 * r['phases_s'][p]:.0f}" for p in PHASES)
                          + " |")
         fewer = rows["fewer_operators"]
-        lines.append(f"| {name} | **current / baseline** | **{rows['speedup']:.2f}x** | **{fewer['all']:.2f}x fewer** | "
+        lines.append(f"| {name} | **current / baseline** | **{rows['speedup']:.2f}x** | "
+                     f"**{fewer['all']:.2f}x fewer** | "
                      f"{fewer['top_level']:.2f}x fewer | {fewer['kernels']:.2f}x fewer |" + " |" * len(PHASES))
     lines += ["", "Phases are timed apart from the trainer's step (node states, decoding and tiling as differences of "
               "nested calls); target forward includes the loss, without the norm penalty.", "",

@@ -533,7 +533,9 @@ class GHN(nn.Module):
                 tiled = _tile(members, (size, *shapes[start]))
                 for i, tensor in zip(idx[start:start + size], tiled.unbind(0)):
                     target = targets[i]
-                    params[target.graph][target.name] = tensor if tensor.shape == target.shape else tensor.view(target.shape)
+                    if tensor.shape != target.shape:
+                        tensor = tensor.view(target.shape)
+                    params[target.graph][target.name] = tensor
                 start += size
         for gi, graph in enumerate(graphs):
             for alias, name in graph.aliases.items():

@@ -51,7 +51,8 @@ def test_finetune_section_per_budget(tmp_path):
     assert "| rexnet_100 | `{}` | 1,000 | 45.0% | 50.9% | -5.9 ± 1.0 | 3 |" in text
     assert "| rexnet_100 | `{}` | 3,000 | 60.0% | 62.0% | -2.0 | 1 |" in text
     assert "- 200 steps: level within two standard errors: none; better started from timm's own init: none." in text
-    assert "- 1,000 steps: level within two standard errors: none; better started from timm's own init: rexnet_100." in text
+    assert ("- 1,000 steps: level within two standard errors: none; better started from timm's own init: "
+            "rexnet_100.") in text
     assert "- 3,000 steps: level within two standard errors: none; better started from timm's own init: none." in text
     assert "--steps 200 1000 3000 --seeds 0 1 2 --seeds-at 3000=0`" in text
 

@@ -103,6 +103,14 @@ def test_a_run_killed_before_its_first_checkpoint_starts_its_log_over(tmp_path):
 
 
 @pytest.mark.data
+def test_stopping_past_the_schedule_is_refused(tmp_path):
+    config = TrainConfig.from_yaml(SMOKE)
+    with pytest.raises(ValueError, match="past the schedule's max_steps 8.*raise max_steps"):
+        Trainer(config, tmp_path / "run").run(max_steps=9)
+    assert not (tmp_path / "run").exists(), "refused before anything was written"
+
+
+@pytest.mark.data
 def test_norm_penalty_shrinks_predicted_norms():
     """GHN-3's penalty on the Frobenius norms of predicted tensors enters the loss and its gradient."""
     first, last = {}, {}

@@ -528,13 +528,11 @@ class Trainer:
         return True
 
     # ----------------------------------------------------------------- the run
-    def run(self, max_steps: int | None = None) -> Path:
-        """Train until ``max_steps`` (or the time limit), checkpointing; returns ``out/final``.
-
-        ``max_steps`` stops early without changing the schedule, which follows ``config.max_steps``.
-        """
+    def start(self) -> bool:
+        """What a run does before its first step: resume from ``out/checkpoint``, or start fresh (from
+        ``init_from`` if set, with the log of any run killed before its first checkpoint dropped).
+        Returns whether it resumed."""
         cfg = self.config
-        max_steps = max_steps or cfg.max_steps
         main = self.accelerator.is_main_process
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -542,7 +540,7 @@ class Trainer:
         resumed = self.load_checkpoint()
         if resumed:
             logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
-        elif main:  # a run killed before its first checkpoint starts over: so does its log
+        elif main:
             _truncate_log(self.out / "log.jsonl", 0)
         if not resumed and cfg.init_from:
             earlier = load_folder(cfg.init_from)
@@ -552,17 +550,32 @@ class Trainer:
         if self.world > 1:
             broadcast(list(self.ghn.state_dict().values()))
             logger.info("%d processes, shard: %s, device %s", self.world, cfg.shard, self.device)
+        return resumed
+
+    def run(self, max_steps: int | None = None) -> Path:
+        """Train until ``max_steps`` (or the time limit), checkpointing; returns ``out/final``.
+
+        ``max_steps`` stops early without changing the schedule, which follows ``config.max_steps``.
+        The recorded wall time counts training steps only, not validation or checkpoints.
+        """
+        cfg = self.config
+        max_steps = max_steps or cfg.max_steps
+        if max_steps > cfg.max_steps:
+            raise ValueError(f"stopping after step {max_steps} is past the schedule's max_steps {cfg.max_steps}: "
+                             "those steps would train at learning rate 0; raise max_steps instead")
+        main = self.accelerator.is_main_process
+        self.start()
         if cfg.prebuild_workers > 0:
             self.prebuild(cfg.prebuild_workers)
         deadline = time.monotonic() + 60 * cfg.time_limit_min if cfg.time_limit_min else math.inf
         log_path = self.out / "log.jsonl"
         log = log_path.open("a") if main else None
         bar = tqdm(total=max_steps, initial=self.step, desc="meta-training", dynamic_ncols=True, disable=not main)
-        started = time.monotonic() - self.wall_time
         try:
             while self.step < max_steps and not (deadline < math.inf and self._any_rank(time.monotonic() >= deadline)):
+                started = time.monotonic()
                 metrics = self.train_step()
-                self.wall_time = time.monotonic() - started
+                self.wall_time += time.monotonic() - started
                 bar.update(1)
                 record: dict[str, Any] = {}
                 if self.step % cfg.log_every == 0 or self.step == max_steps:

@@ -9,6 +9,7 @@ Writes benchmarks/results/default_ghn_quality.{json,png} and a table in RESULTS.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -28,9 +29,13 @@ def main() -> None:
     parser.add_argument("--ghn", help="GHN reference (default: the embedded GHN)")
     parser.add_argument("--full", action="store_true", help="all 10,000 test images (default: balanced 2,000)")
     parser.add_argument("--calibrate-bn", type=int, default=500)
+    parser.add_argument("--untie-noise", type=float,
+                        help="predict with this untie noise instead of the GHN's own (results get their own files)")
     args = parser.parse_args()
     torch.manual_seed(0)
     ghn = ghn_init.load(args.ghn)
+    if args.untie_noise is not None:
+        ghn.config = dataclasses.replace(ghn.config, untie_noise=args.untie_noise)
     setup = {**ghn_setup(ghn), "ghn_training_steps": ghn.meta.get("training", {}).get("steps"),
              "split": "test (10,000)" if args.full else "balanced test (first 200 per class, 2,000)",
              "calibrate_bn_images": args.calibrate_bn, "machine": machine()}
@@ -54,7 +59,8 @@ def main() -> None:
     print(f"mean predicted accuracy (BN recalibrated): {mean:.4f}")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    stem = "default_ghn_quality" + ("_full" if args.full else "")
+    stem = ("default_ghn_quality" + ("_full" if args.full else "")
+            + ("" if args.untie_noise is None else f"_untie{args.untie_noise:g}"))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     _plot(rows, out / f"{stem}.png", setup)
     lines = [f"{describe_ghn(setup)}, {setup['ghn_training_steps']} training steps; "
@@ -66,10 +72,13 @@ def main() -> None:
         lines.append(f"| {name} | `{json.dumps(r['kwargs'])}` | {r['ghn']['acc_bn_calibrated']:.1%} | "
                      f"{r['ghn']['acc_batch_stats']:.1%} | {r['default_init']['acc_bn_calibrated']:.1%} |")
     lines.append(f"| **mean** | | **{mean:.1%}** | | |")
-    lines += ["", f"`python benchmarks/default_ghn_quality.py{' --full' if args.full else ''}` "
+    flags = (" --full" if args.full else "") + (
+        "" if args.untie_noise is None else f" --untie-noise {args.untie_noise:g}")
+    lines += ["", f"`python benchmarks/default_ghn_quality.py{flags}` "
               f"-> `benchmarks/results/{stem}.json`, `{stem}.png`"]
+    noise = "" if args.untie_noise is None else f", untie noise {args.untie_noise:g}"
     update_results(stem, "## Predicted-weight accuracy, CIFAR-10 "
-                   + ("(full test split)" if args.full else "(balanced 2,000)") + "\n\n" + "\n".join(lines))
+                   + ("(full test split" if args.full else "(balanced 2,000") + noise + ")\n\n" + "\n".join(lines))
 
 
 def _plot(rows: dict, path: Path, setup: dict) -> None:

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from train_ghn.data import balanced_test_indices
 from train_ghn.evaluate import Architecture, evaluate_model, load_eval_data, named_architecture, ood_architectures
-from train_ghn.trainer import TrainConfig, Trainer
+from train_ghn.trainer import TrainConfig, Trainer, deterministic_algorithms
 
 REPO = HERE.parent
 #: Short names accepted by ``--archs``.
@@ -193,53 +193,55 @@ def learning_curve(label: str, record: dict[str, Any], archs: list[Architecture]
     config = TrainConfig.from_yaml(config_path)
     config.seed = record["seed"]
     trainer = Trainer(config, run_dir, device="cpu")
-    log_path = run_dir / "log.jsonl"
-    clock = Clock()
-    resumed = trainer.start()  # also drops log records past the checkpoint, or all of them on a fresh start
-    if resumed:
-        logged = _read_log(log_path)
-        if not logged or logged[-1]["step"] != trainer.step or "cpu_s" not in logged[-1]:
-            raise SystemExit(f"{log_path} has no record of step {trainer.step}, where its checkpoint is: delete "
-                             f"{run_dir} to start {label} again")
-        clock = Clock(logged[-1]["cpu_s"], logged[-1]["time_s"])
-        logger.info("%s: resumed at step %d, %.2f CPU-minutes, %d points", label, trainer.step, clock.cpu_s / 60,
-                    len(record["curve"]))
-    else:
-        record["curve"] = []
-        _write_json(state_path, record)
-    with contextlib.nullcontext() if resumed else clock.running():
-        trainer.prebuild(1)
-    test, calibration = eval_data(record["eval"]["test_per_class"], record["eval"]["calibrate_bn"])
-    budget, points = record["budget"], record["points"]
-    bar = tqdm(total=budget.get("steps"), initial=trainer.step, desc=label, dynamic_ncols=True)
-    with log_path.open("a") as log:
-        for k in range(len(record["curve"]) + 1, points + 1):
-            if "steps" in budget:
-                until_step, until_cpu_s = round(budget["steps"] * k / points), math.inf
-            else:
-                until_step, until_cpu_s = config.max_steps, 60 * budget["cpu_minutes"] * k / points
-            _train(trainer, clock, log, until_step, until_cpu_s, bar)
-            trainer.save_checkpoint()
-            started = time.perf_counter()
-            scores = evaluate_ghn(trainer.ghn, archs, test, calibration, trainer.input_size)
-            acc = {name: s["acc_bn_calibrated"] for name, s in scores.items()}
-            since = record["curve"][-1]["step"] if record["curve"] else 0
-            record["curve"].append({
-                "step": trainer.step, "cpu_min": round(clock.cpu_s / 60, 4), "wall_min": round(clock.wall_s / 60, 4),
-                "loss": _loss_near(_read_log(log_path), trainer.step, since), "acc": acc,
-                "acc_batch_stats": {name: s["acc_batch_stats"] for name, s in scores.items()},
-                "mean": sum(acc.values()) / len(acc), "eval_s": round(time.perf_counter() - started, 1)})
-            logger.info("%s point %d/%d: %s", label, k, points, json.dumps(record["curve"][-1]))
+    with deterministic_algorithms(config.deterministic):  # and the setting back for evaluation elsewhere
+        log_path = run_dir / "log.jsonl"
+        clock = Clock()
+        resumed = trainer.start()  # also drops log records past the checkpoint, or all of them on a fresh start
+        if resumed:
+            logged = _read_log(log_path)
+            if not logged or logged[-1]["step"] != trainer.step or "cpu_s" not in logged[-1]:
+                raise SystemExit(f"{log_path} has no record of step {trainer.step}, where its checkpoint is: delete "
+                                 f"{run_dir} to start {label} again")
+            clock = Clock(logged[-1]["cpu_s"], logged[-1]["time_s"])
+            logger.info("%s: resumed at step %d, %.2f CPU-minutes, %d points", label, trainer.step, clock.cpu_s / 60,
+                        len(record["curve"]))
+        else:
+            record["curve"] = []
             _write_json(state_path, record)
-            if on_point is not None:
-                on_point(record)
-            if clock.cpu_s < until_cpu_s < math.inf:  # max_steps came before the CPU-time budget
-                record["note"] = (f"reached max_steps {config.max_steps} (the end of its lr schedule) after "
-                                  f"{clock.cpu_s / 60:.2f} of {budget['cpu_minutes']} CPU-minutes")
-                logger.warning("%s: %s; no further points", label, record["note"])
-                break
-    bar.close()
-    trainer.save_final()
+        with contextlib.nullcontext() if resumed else clock.running():
+            trainer.prebuild(1)
+        test, calibration = eval_data(record["eval"]["test_per_class"], record["eval"]["calibrate_bn"])
+        budget, points = record["budget"], record["points"]
+        bar = tqdm(total=budget.get("steps"), initial=trainer.step, desc=label, dynamic_ncols=True)
+        with log_path.open("a") as log:
+            for k in range(len(record["curve"]) + 1, points + 1):
+                if "steps" in budget:
+                    until_step, until_cpu_s = round(budget["steps"] * k / points), math.inf
+                else:
+                    until_step, until_cpu_s = config.max_steps, 60 * budget["cpu_minutes"] * k / points
+                _train(trainer, clock, log, until_step, until_cpu_s, bar)
+                trainer.save_checkpoint()
+                started = time.perf_counter()
+                scores = evaluate_ghn(trainer.ghn, archs, test, calibration, trainer.input_size)
+                acc = {name: s["acc_bn_calibrated"] for name, s in scores.items()}
+                since = record["curve"][-1]["step"] if record["curve"] else 0
+                record["curve"].append({
+                    "step": trainer.step, "cpu_min": round(clock.cpu_s / 60, 4),
+                    "wall_min": round(clock.wall_s / 60, 4),
+                    "loss": _loss_near(_read_log(log_path), trainer.step, since), "acc": acc,
+                    "acc_batch_stats": {name: s["acc_batch_stats"] for name, s in scores.items()},
+                    "mean": sum(acc.values()) / len(acc), "eval_s": round(time.perf_counter() - started, 1)})
+                logger.info("%s point %d/%d: %s", label, k, points, json.dumps(record["curve"][-1]))
+                _write_json(state_path, record)
+                if on_point is not None:
+                    on_point(record)
+                if clock.cpu_s < until_cpu_s < math.inf:  # max_steps came before the CPU-time budget
+                    record["note"] = (f"reached max_steps {config.max_steps} (the end of its lr schedule) after "
+                                      f"{clock.cpu_s / 60:.2f} of {budget['cpu_minutes']} CPU-minutes")
+                    logger.warning("%s: %s; no further points", label, record["note"])
+                    break
+        bar.close()
+        trainer.save_final()
     record["done"] = True
     _write_json(state_path, record)
     return record

@@ -263,3 +263,14 @@ def test_gpu_config_runs_on_the_cpu_from_the_default_with_staged_data(tmp_path, 
     assert stages[-1]["config"]["amp"] == "bf16"
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, default.state_dict()[k])]
     assert changed, "two steps moved the GHN"
+
+
+@pytest.mark.data
+def test_run_gives_the_deterministic_setting_back(tmp_path):
+    """smoke.yaml runs with deterministic algorithms; the process must not keep them (they change what
+    later graph builds and evaluations trace)."""
+    config = TrainConfig.from_yaml(SMOKE)
+    config.max_steps, config.eval_every = 1, 0
+    assert config.deterministic and not torch.are_deterministic_algorithms_enabled()
+    Trainer(config, tmp_path / "run").run()
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -12,6 +12,7 @@ atomically by rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,6 +22,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,7 @@ from .data import (
 )
 from .samplers import ArchitectureSampler, build_architecture
 
-__all__ = ["TrainConfig", "Trainer"]
+__all__ = ["TrainConfig", "Trainer", "deterministic_algorithms"]
 
 logger = get_logger(__name__)
 
@@ -156,6 +158,18 @@ def _explicit_attention(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` (warn only) for a run, and the process's setting back after it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def training_stages(meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -536,7 +550,6 @@ class Trainer:
         main = self.accelerator.is_main_process
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
         resumed = self.load_checkpoint()
         if resumed:
             logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
@@ -563,6 +576,11 @@ class Trainer:
         if max_steps > cfg.max_steps:
             raise ValueError(f"stopping after step {max_steps} is past the schedule's max_steps {cfg.max_steps}: "
                              "those steps would train at learning rate 0; raise max_steps instead")
+        with deterministic_algorithms(cfg.deterministic):
+            return self._run(max_steps)
+
+    def _run(self, max_steps: int) -> Path:
+        cfg = self.config
         main = self.accelerator.is_main_process
         self.start()
         if cfg.prebuild_workers > 0:

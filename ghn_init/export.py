@@ -4,7 +4,9 @@ The folder holds ``config.json`` in timm's layout (architecture, num_classes, mo
 pretrained_cfg with the normalization the GHN was trained with, plus a ``ghn_init`` block naming
 the GHN by content hash and how BatchNorm statistics were calibrated), ``model.safetensors`` and a
 ``README.md`` model card. Nothing from timm's registry that would be false for predicted weights
-(tag, license, paper) is copied.
+(license, paper) is copied; the registry's tag is, because some timm builders derive the
+architecture from it (Inception-v3's aux head, DeepSeek and Qwen3 ViT encoders' widths), and a
+``description`` says where the weights come from.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ MAX_CALIBRATION_BYTES = 4 * 2**30
 logger = logging.getLogger(__name__)
 
 #: Structural facts of the registry cfg that stay true for predicted weights.
-_STRUCTURAL_CFG_KEYS = ("first_conv", "classifier", "fixed_input_size")
+_STRUCTURAL_CFG_KEYS = ("tag", "first_conv", "classifier", "fixed_input_size")
 
 
 def _accepts_img_size(name: str) -> bool:
@@ -313,6 +315,7 @@ def save_predicted(name: str, out: str | os.PathLike, ghn: GHN, *, num_classes: 
             "mean": mean,
             "std": std,
             "num_classes": n_classes,
+            "description": f"weights predicted by the GHN {ghn_name} (sha256 {ghn_hash[:16]}), not trained",
         },
         "ghn_init": {"ghn": ghn_name, "sha256": ghn_hash, "note": "weights predicted by a GHN, not trained"},
     }

@@ -24,7 +24,8 @@ def test_predict_roundtrip_through_timm_local_dir(tmp_path, default_ghn):
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "vit_tiny_patch16_224"
     assert config["model_args"] == {"patch_size": 4, "drop_rate": 0.0, "img_size": 32}
-    assert config["ghn_init"]["sha256"] and "tag" not in config["pretrained_cfg"]
+    assert config["ghn_init"]["sha256"] and config["pretrained_cfg"]["description"].startswith("weights predicted")
+    assert config["pretrained_cfg"]["tag"] == timm.models.get_pretrained_cfg("vit_tiny_patch16_224").tag
     assert "license" not in config["pretrained_cfg"]
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
     saved = load_file(out / "model.safetensors")

@@ -64,7 +64,7 @@ RESULTS = HERE / "results"
 
 Job = tuple[str, str, int, int]  # architecture, init, seed, steps
 
-_worker: dict[str, Any] = {}  # what each job process loads once: the example module, data, accelerator
+job_state: dict[str, Any] = {}  # what each job process loads once: the example module, data, accelerator
 
 
 def _example() -> Any:
@@ -74,20 +74,21 @@ def _example() -> Any:
     return module
 
 
-def _start_worker(test_per_class: int, threads: int, parent: int | None = None) -> None:
+def start_job_process(test_per_class: int, threads: int, parent: int | None = None) -> None:
+    """Initializer of a job process: loads the example module, data and an Accelerator once into ``job_state``."""
     if parent is not None:
         threading.Thread(target=exit_when_orphaned, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)
-    _worker["example"] = example = _example()
-    _worker["data"] = example.load_data(test_per_class=test_per_class)
-    _worker["accelerator"] = Accelerator(cpu=True)
+    job_state["example"] = example = _example()
+    job_state["data"] = example.load_data(test_per_class=test_per_class)
+    job_state["accelerator"] = Accelerator(cpu=True)
 
 
 def _millions(model: torch.nn.Module) -> float:
     return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
 
 
-def _params_m(name: str) -> float:
+def params_millions(name: str) -> float:
     """Parameter count of the benchmarked model, built on the meta device: orders jobs before any runs."""
     with torch.device("meta"):
         return _millions(timm.create_model(name, num_classes=10, **KWARGS[name]))
@@ -95,7 +96,7 @@ def _params_m(name: str) -> float:
 
 def _finetune_one(name: str, init: str, seed: int, steps: int, lr: float, ghn_ref: str | None) -> dict[str, Any]:
     """One (architecture, init, seed, budget) run in a worker; returns its accuracy, time, losses and size."""
-    example, (train, test), accelerator = _worker["example"], _worker["data"], _worker["accelerator"]
+    example, (train, test), accelerator = job_state["example"], job_state["data"], job_state["accelerator"]
     torch.manual_seed(seed)
     model = example.build_model(name, init, ghn_ref, **KWARGS[name])
     params_m = _millions(model)
@@ -105,7 +106,7 @@ def _finetune_one(name: str, init: str, seed: int, steps: int, lr: float, ghn_re
     return {"params_m": params_m, **{k: result[k] for k in RUN_KEYS}}
 
 
-def _setup(ghn: Any, lr: float, test_per_class: int) -> dict[str, Any]:
+def setup_of(ghn: Any, lr: float, test_per_class: int) -> dict[str, Any]:
     """What the runs share: the GHN, the recipe but seeds and steps, the test split and the machine."""
     recipe = {**{k: v for k, v in SGDRecipe(lr=lr).to_dict().items() if k != "seed"}, "label_smoothing": 0.0,
               "train_images": "first 45,000 of the train split", "batches": "DataLoader, seeded shuffle"}
@@ -198,12 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     torch.set_num_threads(args.threads)
-    setup = _setup(ghn_init.load(args.ghn), args.lr, args.test_per_class)
+    setup = setup_of(ghn_init.load(args.ghn), args.lr, args.test_per_class)
     print(json.dumps(setup, indent=2), flush=True)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{args.out}.json"
     runs, invocations = _earlier_runs(path, setup)
-    jobs = _jobs(args.archs, args.inits, plan, {name: _params_m(name) for name in args.archs},
+    jobs = _jobs(args.archs, args.inits, plan, {name: params_millions(name) for name in args.archs},
                  set() if args.rerun else set(runs))
     if not jobs and not runs:
         parser.error("no runs to do and none kept: give --archs and --inits")
@@ -216,24 +217,24 @@ def main(argv: list[str] | None = None) -> None:
     def finished(job: Job, run: dict[str, Any]) -> None:
         runs[job] = run
         invocation.update(jobs=invocation["jobs"] + 1, wall_s=round(time.perf_counter() - started, 1))
-        _write(path, _result(setup, runs, invocations))
+        write_atomically(path, _result(setup, runs, invocations))
         name, init, seed, steps = job
         print(f"{name} {init} seed {seed}, {steps} steps: {run['accuracy']:.2%} ({run['train_s']:.0f} s of "
               f"training; {invocation['wall_s']:.0f} s elapsed, {invocation['jobs']}/{len(jobs)} runs)", flush=True)
 
     if jobs and args.workers > 1:
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.workers, context, _start_worker,
+        with concurrent.futures.ProcessPoolExecutor(args.workers, context, start_job_process,
                                                     (args.test_per_class, args.threads, os.getpid())) as pool:
             futures = {pool.submit(_finetune_one, *job, args.lr, args.ghn): job for job in jobs}
             for future in concurrent.futures.as_completed(futures):
                 finished(futures[future], future.result())
     elif jobs:
-        _start_worker(args.test_per_class, args.threads)
+        start_job_process(args.test_per_class, args.threads)
         for job in jobs:
             finished(job, _finetune_one(*job, args.lr, args.ghn))
     result = _result(setup, runs, invocations)
-    _write(path, result)
+    write_atomically(path, result)
     _plot(result, RESULTS / f"{args.out}.png")
     table = _table(result, args.out)
     print(table)
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         update_results(args.out, "## Fine-tuning from the GHN init, CIFAR-10\n\n" + table)
 
 
-def _write(path: Path, result: dict[str, Any]) -> None:
+def write_atomically(path: Path, result: dict[str, Any]) -> None:
     """Replace ``path`` in one step: a run killed while writing leaves the previous file whole."""
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(result, indent=2) + "\n")
@@ -283,7 +284,8 @@ def _paired_difference(differences: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(differences), "standard_error": error, "n": len(differences)}
 
 
-def _hours(seconds: float) -> str:
+def hours(seconds: float) -> str:
+    """A duration as the tables print it."""
     return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds:.0f} s"
 
 
@@ -294,12 +296,12 @@ def _wall_time(result: dict[str, Any]) -> str:
             for init in INITS if init in cell for run in cell[init]["seeds"].values()]
     jobs = sum(i["jobs"] for i in invocations)
     workers = ", ".join(map(str, sorted({i["workers"] for i in invocations})))
-    text = (f"Wall time {_hours(sum(i['wall_s'] for i in invocations))} for the {jobs} runs of "
+    text = (f"Wall time {hours(sum(i['wall_s'] for i in invocations))} for the {jobs} runs of "
             f"{len(invocations)} invocation{'s' * (len(invocations) != 1)} ({workers} at once)" if invocations
             else "No wall time recorded")
     if len(runs) > jobs:
         text += f"; {len(runs) - jobs} runs kept from a file that did not record it"
-    return f"{text}. Training alone, summed over all {len(runs)} runs: {_hours(sum(r['train_s'] for r in runs))}."
+    return f"{text}. Training alone, summed over all {len(runs)} runs: {hours(sum(r['train_s'] for r in runs))}."
 
 
 def _command(result: dict[str, Any], stem: str) -> str:

@@ -170,7 +170,7 @@ class Recorder:
     """Measures a model at chosen steps against its weights at construction (step 0)."""
 
     def __init__(self, model: nn.Module, plan: Plan, branch_ends: set[str]) -> None:
-        (train_images, train_labels), (test_images, test_labels) = finetune._worker["data"]
+        (train_images, train_labels), (test_images, test_labels) = finetune.job_state["data"]
         params = dict(model.named_parameters())
         kinds = {name: kind for name, kind in layer_kinds(model).items() if name in params}
         self.model, self.tile = model, plan.tile
@@ -230,7 +230,7 @@ def train_and_record(model: nn.Module, plan: Plan, recipe: SGDRecipe, branch_end
 
     The measurements run in an optimizer step hook, so the training loop is the benchmark's own.
     """
-    example, (train, test), accelerator = (finetune._worker[key] for key in ("example", "data", "accelerator"))
+    example, (train, test), accelerator = (finetune.job_state[key] for key in ("example", "data", "accelerator"))
     recorder = Recorder(model, plan, branch_ends)
     if 0 in plan.record_at:
         recorder.record(0)
@@ -259,7 +259,7 @@ def _build(name: str, init: str, plan: Plan) -> nn.Module:
     torch.manual_seed(plan.seed)
     kwargs = finetune.KWARGS[name]
     if init != NOISELESS:
-        return finetune._worker["example"].build_model(name, init, plan.ghn, **kwargs)
+        return finetune.job_state["example"].build_model(name, init, plan.ghn, **kwargs)
     ghn = ghn_init.load(plan.ghn)
     ghn.config = dataclasses.replace(ghn.config, untie_noise=0.0)
     return ghn_init.create_model(name, ghn=ghn, num_classes=10, **kwargs)
@@ -271,7 +271,7 @@ def _run_job(job: Job, plan: Plan) -> dict[str, Any]:
     model = _build(name, init, plan)
     recipe = SGDRecipe(seed=plan.seed)
     if field is not None:
-        example, (train, test), accelerator = (finetune._worker[key] for key in ("example", "data", "accelerator"))
+        example, (train, test), accelerator = (finetune.job_state[key] for key in ("example", "data", "accelerator"))
         run = example.finetune(model, train, test, accelerator, steps=plan.steps,
                                recipe=dataclasses.replace(recipe, **{field: value}), progress=False)
         accelerator.free_memory()
@@ -287,7 +287,7 @@ def _run_job(job: Job, plan: Plan) -> dict[str, Any]:
 def _jobs(archs: list[str], sweeps: dict[str, list[float]]) -> list[Job]:
     """Measured runs first, smallest architecture first, then the sweep runs the measured ones do not cover."""
     default = SGDRecipe()
-    order = {name: finetune._params_m(name) for name in archs}
+    order = {name: finetune.params_millions(name) for name in archs}
     archs = sorted(archs, key=order.__getitem__)
     jobs: list[Job] = [(name, init, None, None) for name in archs for init in (*INITS, NOISELESS)]
     jobs += [(name, init, field, value) for field, values in sweeps.items() for value in values
@@ -320,7 +320,8 @@ def _result(setup: dict[str, Any], runs: dict[Job, dict[str, Any]], invocation: 
     for name in dict.fromkeys(job[0] for job in runs):
         measured = {init: {**run, "summary": summarize(run["layers"])} for (arch, init, field, _), run in runs.items()
                     if arch == name and field is None}
-        row: dict[str, Any] = {"kwargs": finetune.KWARGS[name], "params_m": finetune._params_m(name), "runs": measured}
+        row: dict[str, Any] = {"kwargs": finetune.KWARGS[name], "params_m": finetune.params_millions(name),
+                               "runs": measured}
         for field in SWEEPS:
             row[f"{field}_sweep"] = {
                 f"{value:g}": {init: run["accuracy"] for init in INITS if (run := (
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = Plan(args.steps, record_at, args.seed, args.ghn, args.probe_batches, tile, config.residual_branch_gain)
     sweeps = {field: sorted({*values, getattr(SGDRecipe, field)}) if values else []
               for field, values in (("lr", args.lr_sweep), ("weight_decay", args.wd_sweep))}
-    setup = {**finetune._setup(ghn, SGDRecipe.lr, args.test_per_class), "seed": args.seed, "steps": args.steps,
+    setup = {**finetune.setup_of(ghn, SGDRecipe.lr, args.test_per_class), "seed": args.seed, "steps": args.steps,
              "record_at": list(record_at), "probe": f"first {args.probe_batches * SGDRecipe.batch_size} train images, "
              "no flips, train mode", "tile": list(tile) if tile else None,
              **{f"{field}_sweep": values for field, values in sweeps.items()}}
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     def finished(job: Job, run: dict[str, Any]) -> None:
         runs[job] = run
         invocation.update(jobs=invocation["jobs"] + 1, wall_s=round(time.perf_counter() - started, 1))
-        finetune._write(path, _result(setup, runs, invocation))
+        finetune.write_atomically(path, _result(setup, runs, invocation))
         name, init, field, value = job
         what = f"{field} {value:g}" if field else "measured" if init != NOISELESS else "step 0"
         score = f"{run['accuracy']:.2%}" if "accuracy" in run else f"{run['steps']['0']['test_accuracy']:.2%} at step 0"
@@ -379,17 +380,17 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.workers > 1:
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.workers, context, finetune._start_worker,
+        with concurrent.futures.ProcessPoolExecutor(args.workers, context, finetune.start_job_process,
                                                     (args.test_per_class, 1, os.getpid())) as pool:
             futures = {pool.submit(_run_job, job, plan): job for job in jobs}
             for future in concurrent.futures.as_completed(futures):
                 finished(futures[future], future.result())
     else:
-        finetune._start_worker(args.test_per_class, 1)
+        finetune.start_job_process(args.test_per_class, 1)
         for job in jobs:
             finished(job, _run_job(job, plan))
     result = _result(setup, runs, invocation)
-    finetune._write(path, result)
+    finetune.write_atomically(path, result)
     _plot(result, RESULTS / f"{args.out}.png")
     tables = _tables(result)
     print(tables)
@@ -476,7 +477,7 @@ def _tables(result: dict[str, Any]) -> str:
                     label = f"{field.replace('_', ' ')} {value}{own}"
                     lines.append(f"| {name} | {label} | {_pct(ghn)} | {_pct(default)} | {diff} |")
     invocation = result["invocation"]
-    return "\n".join(lines + ["", f"Wall time {finetune._hours(invocation['wall_s'])} for {invocation['jobs']} jobs, "
+    return "\n".join(lines + ["", f"Wall time {finetune.hours(invocation['wall_s'])} for {invocation['jobs']} jobs, "
                                   f"{invocation['workers']} at once.", "", f"`{invocation['command']}`"])
 
 

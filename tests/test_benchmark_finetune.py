@@ -130,7 +130,7 @@ def test_budgets_are_separate_runs_written_as_they_finish(finetune, monkeypatch,
 
     monkeypatch.setattr(finetune, "RESULTS", tmp_path)
     name = "mobilenetv3_small_100"
-    setup = finetune._setup(ghn_init.load(), SGDRecipe.lr, 2)
+    setup = finetune.setup_of(ghn_init.load(), SGDRecipe.lr, 2)
     kept = {"accuracy": 0.123, "train_s": 9.9, "loss_curve": [2.3]}
     old = {"setup": {**setup, "recipe": {**setup["recipe"], "seeds": [0], "steps": 2}, "inits": ["default"]},
            "architectures": {name: {"kwargs": {}, "params_m": 1.53,

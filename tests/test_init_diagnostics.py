@@ -98,7 +98,7 @@ def test_measured_runs_noiseless_init_and_sweeps(diagnostics, monkeypatch, tmp_p
     plan = diagnostics.Plan(4, (0, 2, 4), 0, None, 1, (64, 128), 0.1)
     measured, plain = (diagnostics._build(name, "ghn", plan) for _ in range(2))
     diagnostics.train_and_record(measured, plan, SGDRecipe(), set())
-    example, (train, test), accelerator = (finetune._worker[key] for key in ("example", "data", "accelerator"))
+    example, (train, test), accelerator = (finetune.job_state[key] for key in ("example", "data", "accelerator"))
     example.finetune(plain, train, test, accelerator, steps=4, recipe=SGDRecipe(), progress=False)
     expected = plain.state_dict()
     assert all(torch.equal(tensor, expected[key]) for key, tensor in measured.state_dict().items())

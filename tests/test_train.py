@@ -246,10 +246,16 @@ def test_gpu_config_runs_on_the_cpu_from_the_default_with_staged_data(tmp_path, 
     from train_ghn.data import load_cifar10, stage_training_data
 
     staged = stage_training_data(tmp_path / "data")
-    assert staged.stat().st_size <= 46 * 2**20
+    assert staged.stat().st_size <= 42 * 2**20, "the repo (22 MB) and the data must fit 64 MiB of carry"
+    rows = np.array([0, 17, 44_999])
+    full_images, full_labels = load_cifar10("train", indices=rows)
     monkeypatch.setenv("GHN_INIT_DATA", str(tmp_path / "data"))
-    with pytest.raises(FileNotFoundError, match="holds no test images"):
-        load_cifar10("test")
+    images, labels = load_cifar10("train", indices=rows)
+    assert torch.equal(images, full_images) and torch.equal(labels, full_labels)
+    assert len(load_cifar10("train")[1]) == 45_000
+    for split in ("val", "test"):
+        with pytest.raises(FileNotFoundError, match=f"holds the train split only.*for '{split}'"):
+            load_cifar10(split)
     config = TrainConfig.from_yaml("train_ghn/configs/default-gpu-10min.yaml")
     default = ghn_init.load()
     assert config.ghn == {k: v for k, v in vars(default.config).items() if k in config.ghn}
